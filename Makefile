@@ -1,0 +1,52 @@
+# ndif — the two commands: `make demo` runs the main job, `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU build of torch from this machine's disk; GPU machines bring their own (the
+# packages declare torch>=2.11).
+TORCH  := torch==2.13.0
+BENCH_VENV := .venv-bench
+NNSIGHT := nnsight==0.8.1
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo bench lint format clean
+
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]" -e ./sdk
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/ndif demo
+
+# Benchmarks run in their own environment, beside nnsight (never installed in .venv).
+$(BENCH_VENV)/.installed: pyproject.toml sdk/pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -c "import torch" 2>/dev/null || $(BENCH_VENV)/bin/python -m pip install -q $(TORCH)
+	$(BENCH_VENV)/bin/python -m pip install -q -e . -e ./sdk $(NNSIGHT)
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m tests.bench.run
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""`NNsight`: wrap any ``torch.nn.Module`` for tracing."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..engine.batching import RowBatcher
+from ..engine.mediator import Mediator
+from ..engine.run import Run
+from ..envoy import Envoy
+from ..tracer import Edit, EditSpec, InvokeSpec, Session, Trace
+from ..tracing.errors import InvokeError
+
+
+@dataclass
+class Prepared:
+    """A batch ready to run: the call, and each invoke's rows (``(start, size)`` or ``None``)."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+    groups: list[tuple[int, int] | None]
+    total: int
+
+
+class NNsight(Envoy):
+    """Wraps a ``torch.nn.Module`` so its internals can be read and edited in traces.
+
+    Example::
+
+        model = ndif.NNsight(net)
+        with model.trace(x):
+            hidden = model.layer1.output.save()
+    """
+
+    def __init__(self, module: torch.nn.Module, rename: dict | None = None) -> None:
+        super().__init__(module, "model", rename)
+        self._edits: list[EditSpec] = []
+
+    # -- opening blocks ---------------------------------------------------------------
+
+    def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
+        """Open a trace of one forward pass over ``inputs`` (or over its invokes).
+
+        ``trace=False`` skips the block and returns the output directly.
+        """
+        if not trace:
+            return self._call_untraced("trace", inputs, kwargs)
+        return Trace(self, "trace", inputs, kwargs)
+
+    def scan(self, *inputs: Any, **kwargs: Any) -> Trace:
+        """Like `trace`, on fake tensors: shapes and dtypes only, no real compute."""
+        return Trace(self, "scan", inputs, kwargs)
+
+    def session(self) -> Session:
+        """Open a session: several traces that pass values to each other without ``.save()``."""
+        return Session()
+
+    def edit(self, inplace: bool = False) -> Any:
+        """Record interventions applied to every later trace.
+
+        ``with model.edit() as (tracer, edited):`` leaves ``model`` untouched and
+        returns an edited twin; ``inplace=True`` edits ``model`` itself. Undo with
+        `clear_edits`.
+        """
+        return Edit(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every stored edit."""
+        self._edits.clear()
+
+    def _edited_copy(self) -> NNsight:
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        object.__setattr__(twin, "_edits", list(self._edits))
+        return twin
+
+    # -- running ----------------------------------------------------------------------
+
+    def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict]:
+        """Split a trace's keyword arguments into (per-input, per-call)."""
+        return {}, kwargs
+
+    def _batch_size(self, inputs: tuple, kwargs: dict) -> int:
+        """How many batch rows an invoke's input contributes (0: no input)."""
+        if not inputs:
+            return 0
+        first = inputs[0]
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            return first.shape[0]
+        return 1
+
+    def _prepare(self, kind: str, invokes: list[InvokeSpec], call_kwargs: dict) -> Prepared:
+        """Combine the invokes' inputs into one call (tensors concatenated on dim 0)."""
+        groups: list[tuple[int, int] | None] = []
+        rows = []
+        total = 0
+        for spec in invokes:
+            size = self._batch_size(spec.inputs, spec.kwargs)
+            if size == 0:
+                groups.append(None)
+                continue
+            groups.append((total, size))
+            total += size
+            rows.append(spec)
+        if len(rows) == 1:
+            args, kwargs = rows[0].inputs, {**rows[0].kwargs, **call_kwargs}
+        else:
+            args = []
+            for position in range(len(rows[0].inputs)):
+                parts = [spec.inputs[position] for spec in rows]
+                if not all(isinstance(part, torch.Tensor) for part in parts):
+                    raise InvokeError(
+                        f"{type(self._module).__name__} can batch invokes only when their inputs are "
+                        "tensors (concatenated along dim 0); use one trace per input instead"
+                    )
+                args.append(torch.cat(parts, dim=0))
+            args, kwargs = tuple(args), {**rows[0].kwargs, **call_kwargs}
+        return Prepared(self._module, args, kwargs, groups, total)
+
+    def _device(self) -> torch.device | None:
+        for parameter in self._module.parameters():
+            return parameter.device
+        return None
+
+    def _ready(self, kind: str) -> None:
+        """Make the model runnable for ``kind`` (load weights, for lazily loaded models)."""
+
+    def _execute(self, trace: Trace, invokes: list[InvokeSpec], call_kwargs: dict) -> Any:
+        """Run the invokes interleaved with one execution of the model; returns its result."""
+        self._ready(trace.kind)
+        prepared = self._prepare(trace.kind, invokes, call_kwargs)
+        groups = prepared.groups
+        batched = sum(group is not None for group in groups) > 1
+        batcher = RowBatcher(prepared.total) if batched else None
+        mediators = [Mediator(edit.body(), None, "an edit") for edit in self._edits]
+        for spec, group in zip(invokes, groups):
+            if spec.body is not None:
+                mediators.append(Mediator(spec.body, group if batched else None, spec.label))
+        device = self._device()
+        args, kwargs = prepared.args, prepared.kwargs
+        if device is not None and device.type != "meta":
+            args, kwargs = _to_device((args, kwargs), device)
+        run = Run(mediators, batcher, root=self._site)
+        try:
+            with self._mode(trace.kind):
+                if trace.kind == "scan" and device is not None and device.type == "meta":
+                    args, kwargs = _to_device((args, kwargs), device)
+                return run.execute(prepared.fn, args, kwargs)
+        finally:
+            run.close()
+
+    @contextlib.contextmanager
+    def _mode(self, kind: str) -> Iterator[None]:
+        if kind != "scan":
+            yield
+            return
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(assume_static_by_default=True)):
+            yield
+
+    def _call_untraced(self, kind: str, inputs: tuple, kwargs: dict) -> Any:
+        input_kwargs, call_kwargs = self._split_kwargs(kwargs)
+        spec = InvokeSpec(inputs, input_kwargs, None)
+        return self._execute(Trace(self, kind, inputs, kwargs), [spec], call_kwargs)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    from ..engine.batching import map_tensors
+
+    return map_tensors(value, lambda tensor: tensor.to(device))

@@ -1,0 +1,1 @@
+"""Capturing ``with`` blocks as source and compiling them (no model knowledge here)."""

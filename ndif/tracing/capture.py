@@ -1,0 +1,204 @@
+"""Capture the body of a ``with`` block as source and keep it from running inline.
+
+``with model.trace(x):`` must not run its body where it stands: the body has to
+run later, interleaved with the model's forward pass (or on a server). This module
+does the two halves of that trick:
+
+* `capture` finds the ``with`` statement the caller is entering, from the source
+  of the caller's frame (a file, an IPython/Jupyter cell, or ``python -c``), and
+  compiles its body (see `ndif.tracing.rewrite`). Results are cached per call site.
+* `skip_body` arms a line-trace function on the caller's frame that raises
+  `SkipBody` the instant the body is about to start; the tracer's ``__exit__``
+  catches it and runs the captured body instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import sys
+import textwrap
+import threading
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Any
+
+from .errors import TraceSyntaxError
+from .rewrite import compile_body
+
+
+@dataclass(frozen=True)
+class Block:
+    """A captured ``with`` block.
+
+    Attributes:
+        node: The ``with`` statement's AST (line numbers are the file's own).
+        code: The body, rewritten and compiled under the file's name and lines.
+        filename: Where the block was written.
+        lineno: Line of the ``with`` keyword.
+        body_source: The body's source text, dedented (what travels to a server).
+        body_lineno: Line of the body's first line in ``filename``.
+        runs_inline: True for a body of only ``pass``/docstrings, which is
+            harmless to run in place, so nothing needs to be skipped.
+    """
+
+    node: ast.With
+    code: CodeType
+    filename: str
+    lineno: int
+    body_source: str
+    body_lineno: int
+    runs_inline: bool
+
+
+class SkipBody(Exception):
+    """Control flow: the body of a captured block was reached and must not run inline.
+
+    Carries the trace function the skip displaced (a debugger, coverage) so the
+    tracer can put it back.
+    """
+
+    def __init__(self, displaced: Any) -> None:
+        super().__init__()
+        self.displaced = displaced
+
+
+_lock = threading.Lock()
+_SOURCES: dict[str, list[str]] = {}
+_WITH_NODES: dict[str, list[ast.With]] = {}
+_BLOCKS: dict[tuple, Block] = {}
+
+
+def source_lines(filename: str) -> list[str]:
+    """The source lines of ``filename``: a file, an IPython cell, or ``python -c``.
+
+    Read once and cached, deliberately without re-checking the file: the code that
+    is running is the code that was read first.
+    """
+    lines = _SOURCES.get(filename)
+    if lines is None:
+        lines = linecache.getlines(filename)
+        if not lines and filename == "<string>" and "-c" in sys.orig_argv:
+            program = sys.orig_argv[sys.orig_argv.index("-c") + 1]
+            lines = program.splitlines(keepends=True)
+        _SOURCES[filename] = lines
+    return lines
+
+
+def register_source(filename: str, source: str) -> None:
+    """Make ``source`` readable under ``filename`` (for code built at run time)."""
+    lines = source.splitlines(keepends=True)
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    with _lock:
+        _SOURCES[filename] = lines
+        _WITH_NODES.pop(filename, None)
+
+
+def _with_nodes(filename: str) -> list[ast.With]:
+    nodes = _WITH_NODES.get(filename)
+    if nodes is None:
+        lines = source_lines(filename)
+        if not lines:
+            raise TraceSyntaxError(
+                f"ndif cannot read the source of {filename}, so it cannot capture the body of "
+                "the `with` block. A trace must be written in a file, a notebook cell or "
+                "`python -c`; piped stdin and exec'd strings have no readable source "
+                "(register one with ndif.tracing.capture.register_source)."
+            )
+        tree = ast.parse("".join(lines), filename)
+        nodes = [n for n in ast.walk(tree) if isinstance(n, ast.With)]
+        _WITH_NODES[filename] = nodes
+    return nodes
+
+
+def _find_with(filename: str, lineno: int) -> ast.With:
+    candidates = [
+        node
+        for node in _with_nodes(filename)
+        if node.lineno <= lineno < node.body[0].lineno
+        or any(item.context_expr.lineno == lineno for item in node.items)
+    ]
+    if not candidates:
+        raise TraceSyntaxError(
+            f"ndif found no `with` statement at {filename}:{lineno}. Use the tracer as "
+            "`with model.trace(...):` so its body can be captured."
+        )
+    # Innermost wins when headers share a line.
+    return max(candidates, key=lambda node: node.lineno)
+
+
+def _body_source(filename: str, node: ast.With) -> tuple[str, int]:
+    lines = source_lines(filename)
+    first = node.body[0].lineno
+    last = node.body[-1].end_lineno or first
+    return textwrap.dedent("".join(lines[first - 1 : last])), first
+
+
+def capture(frame: FrameType) -> Block:
+    """The block whose ``with`` statement ``frame`` is executing right now."""
+    code = frame.f_code
+    key = (code.co_filename, frame.f_lineno, code.co_firstlineno, code.co_name)
+    block = _BLOCKS.get(key)
+    if block is not None:
+        return block
+    with _lock:
+        node = _find_with(code.co_filename, frame.f_lineno)
+        body_source, body_lineno = _body_source(code.co_filename, node)
+        compiled = compile_body(node.body, code.co_filename, code.co_name)
+        block = Block(
+            node=node,
+            code=compiled,
+            filename=code.co_filename,
+            lineno=node.lineno,
+            body_source=body_source,
+            body_lineno=body_lineno,
+            runs_inline=_runs_inline(node),
+        )
+        _BLOCKS[key] = block
+    return block
+
+
+def _runs_inline(node: ast.With) -> bool:
+    for statement in node.body:
+        if isinstance(statement, ast.Pass):
+            continue
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue
+        return False
+    return True
+
+
+def _no_trace(*_: Any) -> None:
+    return None
+
+
+def skip_body(block: Block, frame: FrameType) -> None:
+    """Arrange for ``frame`` to raise `SkipBody` when it reaches ``block``'s body."""
+    if block.runs_inline:
+        return
+    first = block.node.body[0]
+    if first.lineno == block.lineno:
+        raise TraceSyntaxError(
+            f"{block.filename}:{block.lineno}: the body of a traced `with` must start on its "
+            "own line; ndif runs the body itself and intercepts it at its first line."
+        )
+    if isinstance(first, ast.Try):
+        raise TraceSyntaxError(
+            f"{block.filename}:{first.lineno}: a traced `with` block cannot start with "
+            "`try:`. Put another statement above the `try`, or move it outside the block."
+        )
+    body_line = first.lineno
+    displaced = sys.gettrace()
+
+    def trace_lines(current: FrameType, event: str, arg: Any) -> Any:
+        if current.f_lineno < body_line:
+            return trace_lines
+        raise SkipBody(displaced)
+
+    sys.settrace(_no_trace)
+    frame.f_trace = trace_lines
+
+
+def restore_trace(skip: SkipBody) -> None:
+    """Give the thread back the trace function `skip_body` displaced."""
+    sys.settrace(skip.displaced)

@@ -1,0 +1,92 @@
+"""The namespace a captured block runs in, and writing results back to the caller."""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import sys
+from types import FrameType
+from typing import Any
+
+if sys.version_info < (3, 13):
+    _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
+    _locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
+    _locals_to_fast.restype = None
+else:  # PEP 667: f_locals writes through
+    _locals_to_fast = None
+
+#: Names the rewritten code calls (see `ndif.tracing.rewrite`); filled by the engine.
+HELPERS: dict[str, Any] = {}
+
+
+class Scope(dict):
+    """A block's namespace: its own names, then names shared with sibling blocks,
+    then the globals it was written against, then builtins and ndif's helpers.
+
+    A block runs later than the line it was written on, so it starts from a
+    snapshot of the frame's locals (a loop variable keeps the value it had when the
+    block was written). Names a block binds are also written to ``shared``, so a
+    later ``tracer.invoke`` block of the same trace can read them. Used as
+    ``exec``'s globals too, so lambdas and nested functions see the block's names.
+    """
+
+    __slots__ = ("snapshot", "shared", "glbls")
+
+    def __init__(self, own: dict, shared: dict | None, glbls: dict) -> None:
+        super().__init__(own)
+        self.snapshot = own
+        self.shared = shared
+        self.glbls = glbls
+
+    def written(self) -> dict[str, Any]:
+        """The names the block bound or rebound (not the ones it only inherited)."""
+        snapshot = self.snapshot
+        return {
+            name: value
+            for name, value in self.items()
+            if not name.startswith("__ndif") and (name not in snapshot or snapshot[name] is not value)
+        }
+
+    def __missing__(self, key: str) -> Any:
+        shared = self.shared
+        if shared is not None and key in shared:
+            return shared[key]
+        glbls = self.glbls
+        if type(glbls) is dict:
+            if key in glbls:
+                return glbls[key]
+        else:  # an enclosing block's Scope: let its own fallbacks answer
+            try:
+                return glbls[key]
+            except KeyError:
+                pass
+        if hasattr(builtins, key):
+            return getattr(builtins, key)
+        if key in HELPERS:
+            return HELPERS[key]
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        if self.shared is not None:
+            self.shared[key] = value
+
+
+def frame_locals(frame: FrameType) -> dict:
+    """A snapshot of ``frame``'s own names: a function's locals, or the names an
+    enclosing block bound; nothing for a module, whose globals are read live."""
+    names = frame.f_locals
+    if names is frame.f_globals and type(names) is dict:
+        return {}
+    return dict(names)
+
+
+def write_back(frame: FrameType, values: dict[str, Any]) -> None:
+    """Bind ``values`` as local variables of ``frame`` (the caller of a trace)."""
+    if not values:
+        return
+    target = frame.f_locals
+    for name, value in values.items():
+        target[name] = value  # item by item, so an enclosing Scope shares them
+    if _locals_to_fast is not None and target is not frame.f_globals:
+        _locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))
