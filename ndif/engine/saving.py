@@ -57,14 +57,21 @@ def save_method_call(value: Any) -> Any:
     """What ``value.save()`` in a trace body compiles to.
 
     An object with a ``save`` method of its own keeps it; everything else is saved.
+    (A ``save`` every object inherits, as another tracing library may mount on
+    ``object``, does not count as the object's own.)
     """
-    if getattr(type(value), "save", None) is None:
+    own = getattr(type(value), "save", None)
+    if own is None or own is _tensor_save or own is getattr(object, "save", None):
         return save(value)
     return value.save()
 
 
 def _tensor_save(self: torch.Tensor) -> torch.Tensor:
     """Mark this tensor to be returned from the enclosing trace (``ndif.save``)."""
+    if SAVES.get() is None:
+        inherited = getattr(object, "save", None)  # another library's, outside ndif's traces
+        if inherited is not None:
+            return inherited(self)
     return save(self)
 
 
