@@ -78,5 +78,5 @@ def _tensor_save(self: torch.Tensor) -> torch.Tensor:
 def install_tensor_save() -> None:
     """Give ``torch.Tensor`` a ``save()`` method, for helper functions written
     outside a trace body (inside a body every ``x.save()`` already works)."""
-    if getattr(torch.Tensor, "save", None) is None:
+    if "save" not in vars(torch.Tensor):
         torch.Tensor.save = _tensor_save  # type: ignore[attr-defined]
