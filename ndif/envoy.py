@@ -115,7 +115,7 @@ class Envoy:
     def _unknown(self, name: str) -> str:
         children = list(self._children)
         known = children + [a for a in self._aliases] + [a for a in dir(self._module) if not a.startswith("_")]
-        close = difflib.get_close_matches(name, known, n=3)
+        close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=3)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         listing = f" Its submodules: {', '.join(children)}." if children else " It has no submodules."
         return f"{self.path} ({type(self._module).__name__}) has no submodule or attribute {name!r}.{hint}{listing}"

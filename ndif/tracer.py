@@ -28,7 +28,7 @@ from .engine.iteration import StepSelector, Steps, advance
 from .engine.mediator import READ, RESULT, WRITE, current_mediator
 from .engine.saving import SaveScope, save
 from .tracing.capture import Block as CapturedBlock
-from .tracing.capture import SkipBody, capture, restore_trace, skip_body
+from .tracing.capture import Armed, SkipBody, capture, disarm, skip_body
 from .tracing.errors import InvokeError, StopTrace, clean_traceback
 from .tracing.scope import Scope, frame_locals, write_back
 
@@ -56,20 +56,21 @@ class BlockTracer:
 
     _frame: FrameType | None = None
     _block: CapturedBlock | None = None
+    _armed: Armed | None = None
 
     def _capture(self, frame: FrameType) -> None:
         self._frame = frame
         self._block = capture(frame)
-        skip_body(self._block, frame)
+        self._armed = skip_body(self._block, frame)
 
     def __enter__(self) -> Any:
         self._capture(sys._getframe(1))
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: TracebackType | None) -> bool:
-        if kind is SkipBody:
-            restore_trace(error)  # type: ignore[arg-type]
-        elif kind is not None:
+        armed, self._armed = self._armed, None
+        disarm(armed)
+        if kind is not None and kind is not SkipBody:
             self._frame = None
             return False
         frame, self._frame = self._frame, None
@@ -128,7 +129,7 @@ class Trace(ScopedTracer):
         assert block is not None
         snapshot = frame_locals(frame)
         model = self.model
-        if model._batch_size(self.inputs, self.kwargs):
+        if model._has_input(self.inputs, self.kwargs):
             scope = Scope(snapshot, None, frame.f_globals)
             invokes = [InvokeSpec(self.inputs, model._split_kwargs(self.kwargs)[0], _exec(block.code, scope), scope)]
             call_kwargs = model._split_kwargs(self.kwargs)[1]

@@ -115,6 +115,29 @@ def apply_op(request: Request, slot: Slot, batcher: Any, group: Any) -> Any:
     raise AssertionError(op)
 
 
+def describe_value(value: Any) -> str:
+    """A short description of a value for error messages: shape and dtype of tensors."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a tensor of shape {tuple(value.shape)} ({str(value.dtype).replace('torch.', '')})"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(describe_value(item) for item in value[:3])
+        more = ", ..." if len(value) > 3 else ""
+        return f"a {type(value).__name__} of {len(value)} ({inner}{more})"
+    return f"a {type(value).__name__}"
+
+
+def describe_edit(mediator: Any, request: Request, slot: Slot, where: tuple[str, int] | None) -> str:
+    """What an assignment replaced, for the note on an error the model raises later."""
+    current = slot.value
+    if request.op == WRITE_FIRST:
+        current = first_input(*current)
+    at = f" on line {where[1]} of {where[0]}" if where else ""
+    return (
+        f"{mediator.label} assigned {request.describe()}{at}: it was {describe_value(current)}, "
+        f"you assigned {describe_value(request.value)}"
+    )
+
+
 def _enter_worker(mediator: Mediator) -> None:
     CURRENT_MEDIATOR.set(mediator)
     ACTIVE_RUN.set(None)  # modules called from a block run plainly (logit lens)
@@ -193,9 +216,7 @@ class Mediator:
             run = self.run
             request = Request(event, op, site, path, step, value)
             if op == WRITE or op == WRITE_FIRST:
-                where = user_line(sys._getframe(1))
-                at = f" (line {where[1]} of {where[0]})" if where else ""
-                run.last_edit = f"{self.label} assigned {request.describe()}{at}"
+                run.last_edit = describe_edit(self, request, slot, user_line(sys._getframe(1)))
             return apply_op(request, slot, run.batcher, self.group)
         return self.worker.parent.switch(Request(event, op, site, path, step, value))
 

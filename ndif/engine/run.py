@@ -33,7 +33,19 @@ from ..tracing.errors import (
 )
 from .context import ACTIVE_RUN
 from .instrument import Controller, Site
-from .mediator import BARRIER, INPUT, OUTPUT, RESULT, WRITE, WRITE_FIRST, Mediator, Request, Slot, apply_op
+from .mediator import (
+    BARRIER,
+    INPUT,
+    OUTPUT,
+    RESULT,
+    WRITE,
+    WRITE_FIRST,
+    Mediator,
+    Request,
+    Slot,
+    apply_op,
+    describe_edit,
+)
 
 
 class Waiters:
@@ -61,6 +73,8 @@ class Run:
             calls `begin_step`/`end_step` itself.
         isolate_errors: Record a block's exception on it and keep the run going
             (a serving backend), instead of failing the whole run.
+        sites: Returns the sites of the model being run; only consulted to explain
+            a request that was never served.
     """
 
     def __init__(
@@ -69,11 +83,13 @@ class Run:
         batcher: Any = None,
         root: Site | None = None,
         isolate_errors: bool = False,
+        sites: Callable[[], Any] | None = None,
     ) -> None:
         self.mediators = mediators
         self.batcher = batcher
         self.root = root
         self.isolate_errors = isolate_errors
+        self.sites = sites
         self.waiting: dict[Site, Waiters] = {}
         self.results: list[Mediator] = []
         self.released: list[Mediator] = []
@@ -221,6 +237,11 @@ class Run:
     def _missed(self, mediator: Mediator, request: Request) -> Exception:
         what = request.describe()
         step = f" (generation step {request.step})" if self.steps > 1 or request.step else ""
+        if self.sites is not None and request.site not in self.sites():
+            return NeverRanError(
+                f"{what} was requested, but {request.path} is not a module of the model being "
+                f"traced (it belongs to another model). ({mediator.label})"
+            )
         if request.step > mediator.step or self.steps == 0:
             return NeverRanError(
                 f"{what} was requested for step {request.step}, but the run made only "
@@ -294,7 +315,7 @@ class Run:
                 self._unwait(mediator)
                 request, mediator.pending = mediator.pending, None
                 if request.op in (WRITE, WRITE_FIRST):
-                    self._note_edit(mediator, request)
+                    self._note_edit(mediator, request, slot)
                 value = apply_op(request, slot, self.batcher, mediator.group)
                 self._resume(mediator, value, slot=slot)
         waiters = self.waiting.get(site)
@@ -305,10 +326,9 @@ class Run:
             self.stop_pending = False
             raise StopTrace()
 
-    def _note_edit(self, mediator: Mediator, request: Request) -> None:
+    def _note_edit(self, mediator: Mediator, request: Request, slot: Slot) -> None:
         where = user_line(mediator.worker.gr_frame) if mediator.worker is not None else None
-        at = f" (line {where[1]} of {where[0]})" if where else ""
-        self.last_edit = f"{mediator.label} assigned {request.describe()}{at}"
+        self.last_edit = describe_edit(mediator, request, slot, where)
 
     # -- driving blocks ------------------------------------------------------------
 

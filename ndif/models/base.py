@@ -85,6 +85,10 @@ class NNsight(Envoy):
         """Split a trace's keyword arguments into (per-input, per-call)."""
         return {}, kwargs
 
+    def _has_input(self, inputs: tuple, kwargs: dict) -> bool:
+        """Whether a trace was given an input directly (else its invokes bring them)."""
+        return bool(inputs)
+
     def _batch_size(self, inputs: tuple, kwargs: dict) -> int:
         """How many batch rows an invoke's input contributes (0: no input)."""
         if not inputs:
@@ -145,7 +149,7 @@ class NNsight(Envoy):
         args, kwargs = prepared.args, prepared.kwargs
         if device is not None and device.type != "meta":
             args, kwargs = _to_device((args, kwargs), device)
-        run = Run(mediators, batcher, root=self._site)
+        run = Run(mediators, batcher, root=self._site, sites=self._sites)
         try:
             with self._mode(trace.kind):
                 if trace.kind == "scan" and device is not None and device.type == "meta":

@@ -105,6 +105,13 @@ class LanguageModel(NNsight):
 
     # -- preparing a batch ---------------------------------------------------------------
 
+    def _takes_position_ids(self) -> bool:
+        accepts = self.__dict__.get("_position_ids")
+        if accepts is None:
+            accepts = _accepts(self._module, "position_ids")
+            object.__setattr__(self, "_position_ids", accepts)
+        return accepts
+
     def _ready(self, kind: str) -> None:
         if kind != "scan":
             self.dispatch()
@@ -113,10 +120,8 @@ class LanguageModel(NNsight):
         inputs = {key: kwargs[key] for key in _INPUT_KWARGS if key in kwargs}
         return inputs, {key: value for key, value in kwargs.items() if key not in _INPUT_KWARGS}
 
-    def _batch_size(self, inputs: tuple, kwargs: dict) -> int:
-        if not inputs and "input_ids" not in kwargs:
-            return 0
-        return len(self._inputs.rows(inputs, kwargs))
+    def _has_input(self, inputs: tuple, kwargs: dict) -> bool:
+        return bool(inputs) or "input_ids" in kwargs
 
     def _prepare(self, kind: str, invokes: list[InvokeSpec], call_kwargs: dict) -> Prepared:
         rows: list[list[int]] = []
@@ -132,8 +137,8 @@ class LanguageModel(NNsight):
             if self.tokenizer is not None and "pad_token_id" not in call_kwargs:
                 kwargs["pad_token_id"] = self._inputs.pad_id()
             return Prepared(module.generate, (), {**kwargs, **call_kwargs}, groups, len(rows))
-        padded = bool((attention_mask == 0).any())
-        if padded and "position_ids" not in call_kwargs and _accepts(module, "position_ids"):
+        padded = any(len(row) < input_ids.shape[1] for row in rows)
+        if padded and "position_ids" not in call_kwargs and self._takes_position_ids():
             # Left padding must not shift positions: each row counts from its first real token.
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return Prepared(module, (), {**kwargs, **call_kwargs}, groups, len(rows))

@@ -52,15 +52,18 @@ class Block:
 
 
 class SkipBody(Exception):
-    """Control flow: the body of a captured block was reached and must not run inline.
+    """Control flow: the body of a captured block was reached and must not run inline."""
 
-    Carries the trace function the skip displaced (a debugger, coverage) so the
-    tracer can put it back.
-    """
 
-    def __init__(self, displaced: Any) -> None:
-        super().__init__()
-        self.displaced = displaced
+class Armed:
+    """What `skip_body` changed, so `disarm` can put it back."""
+
+    __slots__ = ("frame", "frame_trace", "thread_trace")
+
+    def __init__(self, frame: FrameType, frame_trace: Any, thread_trace: Any) -> None:
+        self.frame = frame
+        self.frame_trace = frame_trace
+        self.thread_trace = thread_trace
 
 
 _lock = threading.Lock()
@@ -172,10 +175,14 @@ def _no_trace(*_: Any) -> None:
     return None
 
 
-def skip_body(block: Block, frame: FrameType) -> None:
-    """Arrange for ``frame`` to raise `SkipBody` when it reaches ``block``'s body."""
+def skip_body(block: Block, frame: FrameType) -> Armed | None:
+    """Arrange for ``frame`` to raise `SkipBody` when it reaches ``block``'s body.
+
+    Returns what must be restored with `disarm` once the block is over (``None``
+    when the body is harmless to run in place and nothing was armed).
+    """
     if block.runs_inline:
-        return
+        return None
     first = block.node.body[0]
     if first.lineno == block.lineno:
         raise TraceSyntaxError(
@@ -188,17 +195,21 @@ def skip_body(block: Block, frame: FrameType) -> None:
             "`try:`. Put another statement above the `try`, or move it outside the block."
         )
     body_line = first.lineno
-    displaced = sys.gettrace()
+    armed = Armed(frame, frame.f_trace, sys.gettrace())
 
     def trace_lines(current: FrameType, event: str, arg: Any) -> Any:
         if current.f_lineno < body_line:
             return trace_lines
-        raise SkipBody(displaced)
+        raise SkipBody()
 
     sys.settrace(_no_trace)
     frame.f_trace = trace_lines
+    return armed
 
 
-def restore_trace(skip: SkipBody) -> None:
-    """Give the thread back the trace function `skip_body` displaced."""
-    sys.settrace(skip.displaced)
+def disarm(armed: Armed | None) -> None:
+    """Give the frame and the thread back the trace functions `skip_body` displaced."""
+    if armed is not None:
+        armed.frame.f_trace = armed.frame_trace
+        sys.settrace(armed.thread_trace)
+        armed.frame = None  # type: ignore[assignment]
