@@ -1,0 +1,45 @@
+"""The layering table of docs/architecture.md, checked."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_ONLY = ("ray", "celery", "sqlalchemy", "alembic", "vllm", "fastapi", "boto3")
+
+
+def _imports(folder: Path) -> set[str]:
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_ndif_imports_no_service_or_server_package():
+    forbidden = {"ndif_scheduler", "ndif_workers", *SERVER_ONLY}
+    assert not (_imports(ROOT / "ndif") & forbidden)
+
+
+def test_sdk_imports_neither_scheduler_nor_workers():
+    assert not (_imports(ROOT / "sdk") & {"ndif_scheduler", "ndif_workers", *SERVER_ONLY})
+
+
+def test_importing_ndif_loads_no_server_package():
+    code = "import sys, ndif, ndif_sdk.cli; print(','.join(sorted(m for m in sys.modules if '.' not in m)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(","))
+    assert not (loaded & set(SERVER_ONLY))
+
+
+def test_researcher_install_declares_light_dependencies_only():
+    for project in (ROOT / "pyproject.toml", ROOT / "sdk" / "pyproject.toml"):
+        dependencies = tomllib.loads(project.read_text())["project"]["dependencies"]
+        names = {dependency.split(">")[0].split("=")[0].split("<")[0].strip().lower() for dependency in dependencies}
+        assert not (names & set(SERVER_ONLY)), project
