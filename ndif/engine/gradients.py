@@ -21,15 +21,20 @@ from .run import Run
 
 
 class GradKey:
-    """The site of one tensor's gradient within a backward run."""
+    """The site of one tensor's gradient within a backward run.
 
-    __slots__ = ("tensor", "rows", "path", "handle")
+    A row view of a batched activation (what an invoke reads) is not itself in the
+    loss graph, so its gradient is taken from the hook on the full tensor (``base``),
+    narrowed to its ``rows``.
+    """
 
-    def __init__(self, tensor: torch.Tensor, rows: tuple | None, path: str) -> None:
+    __slots__ = ("tensor", "base", "rows", "path")
+
+    def __init__(self, tensor: torch.Tensor, base: torch.Tensor, rows: tuple | None, path: str) -> None:
         self.tensor = tensor
+        self.base = base
         self.rows = rows
         self.path = path
-        self.handle: Any = None
 
 
 class BackwardRun(Run):
@@ -38,6 +43,8 @@ class BackwardRun(Run):
     def __init__(self) -> None:
         super().__init__([], batcher=None, root=None)
         self.keys: dict[int, GradKey] = {}
+        self.hooked: dict[int, list[GradKey]] = {}  # id(base) -> the keys it serves
+        self.handles: list[Any] = []
 
     def execute_backward(self, loss: torch.Tensor, body: Callable[[], Any], args: tuple, kwargs: dict) -> None:
         mediator = Mediator(body, label="the backward block")
@@ -58,10 +65,11 @@ class BackwardRun(Run):
                         "and only for tensors the loss depends on"
                     ))
         finally:
-            for key in self.keys.values():
-                if key.handle is not None:
-                    key.handle.remove()
+            for handle in self.handles:
+                handle.remove()
+            self.handles.clear()
             self.keys.clear()
+            self.hooked.clear()
             self.close()
 
     def request(self, mediator: Mediator, tensor: torch.Tensor, op: int, value: Any = None) -> Any:
@@ -72,28 +80,45 @@ class BackwardRun(Run):
 
     def _hook(self, tensor: torch.Tensor) -> GradKey:
         rows = getattr(tensor, "_ndif_rows", None)
-        target = tensor if rows is None else rows[0]
-        key = GradKey(tensor, None if rows is None else rows[1:], f"tensor{tuple(tensor.shape)}")
-        if not target.requires_grad:
+        base = tensor if rows is None else rows[0]
+        key = GradKey(tensor, base, None if rows is None else rows[1:], f"tensor of shape {tuple(tensor.shape)}")
+        if not base.requires_grad:
             raise NDIFError(
-                f"{key.path} does not require grad, so it has no gradient: run the trace with "
+                f"the {key.path} does not require grad, so it has no gradient: run the trace with "
                 "gradients enabled (not under torch.no_grad / generate) on a model whose "
                 "parameters require grad"
             )
-        key.handle = target.register_hook(lambda grad: self._on_grad(key, grad))
+        served = self.hooked.get(id(base))
+        if served is None:
+            served = self.hooked[id(base)] = []
+            self.handles.append(base.register_hook(lambda grad: self._on_grad(served, grad)))
+        served.append(key)
         self.keys[id(tensor)] = key
         return key
 
-    def _on_grad(self, key: GradKey, grad: torch.Tensor) -> torch.Tensor | None:
-        part = grad if key.rows is None else grad.narrow(0, key.rows[0], key.rows[1])
-        slot = Slot(GRAD, key, part)
-        self._serve(slot)
-        if slot.value is part:
-            return None
-        if key.rows is None:
-            return slot.value
-        start, size = key.rows
-        return torch.cat([grad.narrow(0, 0, start), slot.value, grad.narrow(0, start + size, grad.shape[0] - start - size)])
+    def _on_grad(self, keys: list[GradKey], grad: torch.Tensor) -> torch.Tensor | None:
+        """Autograd computed a hooked tensor's gradient: serve every view of it asked for,
+        including views the block asks for while this one is being served."""
+        full = grad
+        done: set[int] = set()
+        while True:
+            ready = [key for key in keys if id(key) not in done and key in self.waiting]
+            if not ready:
+                break
+            for key in ready:
+                done.add(id(key))
+                part = full if key.rows is None else full.narrow(0, key.rows[0], key.rows[1])
+                slot = Slot(GRAD, key, part)
+                self._serve(slot)
+                if slot.value is part:
+                    continue
+                if key.rows is None:
+                    full = slot.value
+                else:
+                    start, size = key.rows
+                    rest = full.shape[0] - start - size
+                    full = torch.cat([full.narrow(0, 0, start), slot.value, full.narrow(0, start + size, rest)])
+        return None if full is grad else full
 
 
 def run_backward(loss: torch.Tensor, body: Callable[[], Any], *args: Any, **kwargs: Any) -> None:

@@ -30,12 +30,13 @@ class Steps:
     def bounded(self) -> bool:
         return self.steps is not None or self.stop is not None
 
-    def _indices(self) -> Iterator[int]:
+    def _indices(self, limit: int | None) -> Iterator[int]:
         if self.steps is not None:
             yield from self.steps
             return
         step = self.start
-        while self.stop is None or step < self.stop:
+        stop = self.stop if self.stop is not None else limit
+        while stop is None or step < stop:
             yield step
             step += self.stride
 
@@ -43,8 +44,11 @@ class Steps:
         mediator = current_mediator("tracer.iter")
         previous = mediator.target
         mediator.loops.append(self)
+        # An open loop ends after the last step the run can make, even if its body never
+        # waits for the model (which is what otherwise ends it).
+        limit = getattr(mediator.run, "max_steps", None)
         try:
-            for step in self._indices():
+            for step in self._indices(limit):
                 if step < 0:
                     raise ValueError(f"tracer.iter steps cannot be negative, got {step}")
                 mediator.target = step

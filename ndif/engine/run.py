@@ -75,6 +75,8 @@ class Run:
             (a serving backend), instead of failing the whole run.
         sites: Returns the sites of the model being run; only consulted to explain
             a request that was never served.
+        max_steps: The most steps the run can make, if known; bounds open step
+            loops (``tracer.all()``) whose body never waits for the model.
     """
 
     def __init__(
@@ -84,12 +86,14 @@ class Run:
         root: Site | None = None,
         isolate_errors: bool = False,
         sites: Callable[[], Any] | None = None,
+        max_steps: int | None = None,
     ) -> None:
         self.mediators = mediators
         self.batcher = batcher
         self.root = root
         self.isolate_errors = isolate_errors
         self.sites = sites
+        self.max_steps = max_steps
         self.waiting: dict[Site, Waiters] = {}
         self.results: list[Mediator] = []
         self.released: list[Mediator] = []

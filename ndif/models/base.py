@@ -25,6 +25,7 @@ class Prepared:
     kwargs: dict
     groups: list[tuple[int, int] | None]
     total: int
+    steps: int | None = 1  # forward passes the call makes at most (None: unknown)
 
 
 class NNsight(Envoy):
@@ -149,7 +150,7 @@ class NNsight(Envoy):
         args, kwargs = prepared.args, prepared.kwargs
         if device is not None and device.type != "meta":
             args, kwargs = _to_device((args, kwargs), device)
-        run = Run(mediators, batcher, root=self._site, sites=self._sites)
+        run = Run(mediators, batcher, root=self._site, sites=self._sites, max_steps=prepared.steps)
         try:
             with self._mode(trace.kind):
                 if trace.kind == "scan" and device is not None and device.type == "meta":

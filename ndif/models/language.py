@@ -136,12 +136,26 @@ class LanguageModel(NNsight):
         if kind == "generate":
             if self.tokenizer is not None and "pad_token_id" not in call_kwargs:
                 kwargs["pad_token_id"] = self._inputs.pad_id()
-            return Prepared(module.generate, (), {**kwargs, **call_kwargs}, groups, len(rows))
+            steps = _generation_steps(module, call_kwargs, input_ids.shape[1])
+            return Prepared(module.generate, (), {**kwargs, **call_kwargs}, groups, len(rows), steps)
         padded = any(len(row) < input_ids.shape[1] for row in rows)
         if padded and "position_ids" not in call_kwargs and self._takes_position_ids():
             # Left padding must not shift positions: each row counts from its first real token.
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return Prepared(module, (), {**kwargs, **call_kwargs}, groups, len(rows))
+
+
+def _generation_steps(module: torch.nn.Module, call_kwargs: dict, prompt_length: int) -> int | None:
+    """How many forward passes ``generate`` makes at most (one per new token)."""
+    config = call_kwargs.get("generation_config") or getattr(module, "generation_config", None)
+    new = call_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is None:
+        longest = call_kwargs.get("max_length", getattr(config, "max_length", None))
+        new = None if longest is None else longest - prompt_length
+    if new is None:
+        return None
+    beams = call_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    return max(int(new), 1) if beams == 1 else None
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:
