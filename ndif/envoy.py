@@ -10,7 +10,8 @@ model produces that output; outside a trace it is an error.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

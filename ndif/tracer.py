@@ -15,20 +15,21 @@ ndif instead of in place. What "run" means differs:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .engine.barrier import Barrier
 from .engine.cache import Cache, CacheView
 from .engine.context import SAVES
-from .engine.iteration import StepSelector, Steps, advance
+from .engine.iteration import Steps, StepSelector, advance
 from .engine.mediator import READ, RESULT, WRITE, current_mediator
 from .engine.saving import SaveScope, save
-from .tracing.capture import Block as CapturedBlock
 from .tracing.capture import Armed, SkipBody, capture, disarm, skip_body
+from .tracing.capture import Block as CapturedBlock
 from .tracing.errors import InvokeError, StopTrace, clean_traceback
 from .tracing.scope import Scope, frame_locals, write_back
 

@@ -10,7 +10,8 @@ pass. Gradients arrive in reverse forward order, so request them that way.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -59,11 +60,14 @@ class BackwardRun(Run):
                 for waiting in list(self.waiting[site].outputs):
                     request = waiting.pending
                     self._unwait(waiting)
-                    self._resume(waiting, error=NDIFError(
-                        f"{request.describe()} was requested but autograd did not compute it after "
-                        "the request: request gradients in the reverse order of the forward pass, "
-                        "and only for tensors the loss depends on"
-                    ))
+                    self._resume(
+                        waiting,
+                        error=NDIFError(
+                            f"{request.describe()} was requested but autograd did not compute it after "
+                            "the request: request gradients in the reverse order of the forward pass, "
+                            "and only for tensors the loss depends on"
+                        ),
+                    )
         finally:
             for handle in self.handles:
                 handle.remove()

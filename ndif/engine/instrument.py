@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import inspect
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,9 +43,7 @@ class Controller:
 
     __slots__ = ("site", "body", "module_ref", "replaced", "_signature", "__weakref__")
 
-    def __init__(
-        self, site: Site, body: Callable[..., Any], module: torch.nn.Module, replaced: Any = None
-    ) -> None:
+    def __init__(self, site: Site, body: Callable[..., Any], module: torch.nn.Module, replaced: Any = None) -> None:
         self.site = site
         self.body = body  # unbound: called with the module first
         self.module_ref = weakref.ref(module)

@@ -15,8 +15,9 @@ switch: ``h = m.output; m.output = h * 2`` costs one park, not two.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextvars import copy_context
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from greenlet import greenlet
 
@@ -215,7 +216,7 @@ class Mediator:
         if slot is not None and slot.site is site and slot.event == event and step == self.step:
             run = self.run
             request = Request(event, op, site, path, step, value)
-            if op == WRITE or op == WRITE_FIRST:
+            if op in (WRITE, WRITE_FIRST):
                 run.last_edit = describe_edit(self, request, slot, user_line(sys._getframe(1)))
             return apply_op(request, slot, run.batcher, self.group)
         return self.worker.parent.switch(Request(event, op, site, path, step, value))

@@ -19,7 +19,8 @@ isolate errors per block (``isolate_errors``).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from greenlet import GreenletExit
 
@@ -164,10 +165,13 @@ class Run:
         for mediator in self.mediators:
             request = mediator.pending
             if mediator.alive and request is not None and request.event == BARRIER and not self.stopped:
-                self._resume(mediator, error=BarrierError(
-                    f"{mediator.label} waited at a barrier that fewer blocks reached than it was "
-                    "created for; check the number passed to tracer.barrier(n)"
-                ))
+                self._resume(
+                    mediator,
+                    error=BarrierError(
+                        f"{mediator.label} waited at a barrier that fewer blocks reached than it was "
+                        "created for; check the number passed to tracer.barrier(n)"
+                    ),
+                )
         return slot.value
 
     def _settle(self, mediator: Mediator) -> None:
@@ -277,8 +281,9 @@ class Run:
             self._serve(slot)
             args, kwargs = slot.value
             if slot.skips is not None:
-                return self._output(site, self.batcher.assemble_skips(slot.skips) if self.batcher
-                                    else slot.skips[-1][1])
+                return self._output(
+                    site, self.batcher.assemble_skips(slot.skips) if self.batcher else slot.skips[-1][1]
+                )
         output = controller.body(module, *args, **kwargs)
         if site in self.waiting:
             return self._output(site, output)
@@ -336,8 +341,9 @@ class Run:
 
     # -- driving blocks ------------------------------------------------------------
 
-    def _resume(self, mediator: Mediator, value: Any = None, error: BaseException | None = None,
-                slot: Slot | None = None) -> None:
+    def _resume(
+        self, mediator: Mediator, value: Any = None, error: BaseException | None = None, slot: Slot | None = None
+    ) -> None:
         """Switch into a block until it parks again (or finishes), then file its request."""
         worker = mediator.worker
         if worker is None or worker.dead:
@@ -382,10 +388,13 @@ class Run:
             return
         if request.step < mediator.step:
             mediator.pending = None
-            self._resume(mediator, error=OutOfOrderError(
-                f"{request.describe()} was requested for step {request.step}, but the run is "
-                f"already at step {mediator.step}. ({mediator.label})"
-            ))
+            self._resume(
+                mediator,
+                error=OutOfOrderError(
+                    f"{request.describe()} was requested for step {request.step}, but the run is "
+                    f"already at step {mediator.step}. ({mediator.label})"
+                ),
+            )
             return
         waiters = self.waiting.get(request.site)
         if waiters is None:

@@ -53,9 +53,7 @@ class InputProcessor:
                 return _rows_from_ids(kwargs["input_ids"], kwargs.get("attention_mask"))
             return []
         if len(inputs) > 1:
-            raise TypeError(
-                f"an invoke takes one input (a prompt, a list of prompts or token ids), got {len(inputs)}"
-            )
+            raise TypeError(f"an invoke takes one input (a prompt, a list of prompts or token ids), got {len(inputs)}")
         value = inputs[0]
         if isinstance(value, str):
             return [self._encode(value)]

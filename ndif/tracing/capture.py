@@ -118,8 +118,7 @@ def _find_with(filename: str, lineno: int) -> ast.With:
     candidates = [
         node
         for node in _with_nodes(filename)
-        if node.lineno <= lineno < node.body[0].lineno
-        or any(item.context_expr.lineno == lineno for item in node.items)
+        if node.lineno <= lineno < node.body[0].lineno or any(item.context_expr.lineno == lineno for item in node.items)
     ]
     if not candidates:
         raise TraceSyntaxError(

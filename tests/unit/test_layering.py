@@ -34,7 +34,11 @@ def test_sdk_imports_neither_scheduler_nor_workers():
 
 def test_importing_ndif_loads_no_server_package():
     code = "import sys, ndif, ndif_sdk.cli; print(','.join(sorted(m for m in sys.modules if '.' not in m)))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(","))
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .split(",")
+    )
     assert not (loaded & set(SERVER_ONLY))
 
 

@@ -67,9 +67,7 @@ def test_cli_rejects_an_unknown_architecture(tmp_path):
 
 def test_loads_with_the_hub_unreachable(tiny_llama_path):
     code = (
-        "import ndif, sys;"
-        f"m = ndif.LanguageModel({str(tiny_llama_path)!r}, dispatch=True);"
-        "print(m.config.model_type)"
+        f"import ndif, sys;m = ndif.LanguageModel({str(tiny_llama_path)!r}, dispatch=True);print(m.config.model_type)"
     )
     env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
