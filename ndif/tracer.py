@@ -31,7 +31,7 @@ from .engine.saving import SaveScope, save
 from .tracing.capture import Armed, SkipBody, capture, disarm, skip_body
 from .tracing.capture import Block as CapturedBlock
 from .tracing.errors import InvokeError, StopTrace, clean_traceback
-from .tracing.scope import Scope, frame_locals, write_back
+from .tracing.scope import Scope, frame_locals, release_locals, write_back
 
 if TYPE_CHECKING:
     from .models.base import NNsight
@@ -82,6 +82,7 @@ class BlockTracer:
             stashed = getattr(failure, "__ndif_traceback__", None)
             raise failure.with_traceback(clean_traceback(stashed or failure.__traceback__)) from None
         finally:
+            release_locals(frame)
             del frame
         return True
 

@@ -95,6 +95,8 @@ def register_source(filename: str, source: str) -> None:
     with _lock:
         _SOURCES[filename] = lines
         _WITH_NODES.pop(filename, None)
+        for key in [key for key in _BLOCKS if key[0] == filename]:
+            del _BLOCKS[key]
 
 
 def _with_nodes(filename: str) -> list[ast.With]:

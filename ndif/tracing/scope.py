@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import inspect
 import sys
 from types import FrameType
 from typing import Any
@@ -82,11 +83,28 @@ def frame_locals(frame: FrameType) -> dict:
 
 
 def write_back(frame: FrameType, values: dict[str, Any]) -> None:
-    """Bind ``values`` as local variables of ``frame`` (the caller of a trace)."""
+    """Bind ``values`` as variables of ``frame`` (the caller of a trace).
+
+    A function's local names go to its locals; a name the function does not own
+    (declared ``global``) goes to its globals, as the assignment would have.
+    """
     if not values:
         return
     target = frame.f_locals
+    if target is frame.f_globals or not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        for name, value in values.items():
+            target[name] = value  # item by item, so an enclosing Scope shares them
+        return
+    code = frame.f_code
+    owned = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
     for name, value in values.items():
-        target[name] = value  # item by item, so an enclosing Scope shares them
-    if _locals_to_fast is not None and target is not frame.f_globals:
+        (target if name in owned else frame.f_globals)[name] = value
+    if _locals_to_fast is not None:
         _locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+def release_locals(frame: FrameType) -> None:
+    """Drop the snapshot of a function's locals that reading ``f_locals`` cached on
+    the frame (Python < 3.13), so a variable deleted after the trace is freed."""
+    if _locals_to_fast is not None and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        frame.f_locals.clear()
