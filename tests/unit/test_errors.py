@@ -75,9 +75,7 @@ def assert_no_internal_frames(error: BaseException) -> None:
     frames = frames_of(error)
     last_mine = max(i for i, f in enumerate(frames) if os.path.realpath(f.filename) == THIS_FILE)
     internal = [
-        f
-        for f in frames[:last_mine]
-        if os.path.realpath(f.filename).startswith(NDIF_DIR) and f.name != "__exit__"
+        f for f in frames[:last_mine] if os.path.realpath(f.filename).startswith(NDIF_DIR) and f.name != "__exit__"
     ]
     assert not internal, f"ndif's internal frames appear in the traceback:\n{describe(frames)}"
 
