@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .engine.context import CURRENT_MEDIATOR
 from .engine.instrument import Site, instrument
 from .engine.iteration import advance
 from .engine.mediator import INPUT, OUTPUT, READ, READ_FIRST, SKIP, WRITE, WRITE_FIRST, current_mediator
@@ -25,13 +26,18 @@ RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "get"
 
 
 def _request(envoy: Envoy, event: int, op: int, what: str, value: Any = None) -> Any:
-    mediator = current_mediator(f"{envoy.path}.{what}")
-    if mediator.backward is not None:
-        raise NDIFError(
-            f"{envoy.path}.{what} cannot be used inside `with loss.backward():`, where only "
-            "`.grad` is served (the forward pass is over). Read it before the backward block."
-        )
+    mediator = CURRENT_MEDIATOR.get()
+    if mediator is None or mediator.backward is not None:
+        _refuse(envoy, what)
     return mediator.request(event, op, envoy._site, envoy.path, value)
+
+
+def _refuse(envoy: Envoy, what: str) -> None:
+    current_mediator(f"{envoy.path}.{what}")  # raises outside a trace
+    raise NDIFError(
+        f"{envoy.path}.{what} cannot be used inside `with loss.backward():`, where only "
+        "`.grad` is served (the forward pass is over). Read it before the backward block."
+    )
 
 
 class Envoy:
@@ -129,15 +135,16 @@ class Envoy:
             object.__setattr__(self, name, value)
 
     def __getitem__(self, key: int | str | slice) -> Any:
-        children = list(self._children.values())
-        if isinstance(key, slice):
-            return children[key]
+        children = self._children
         if isinstance(key, int):
-            size = len(self._module) if hasattr(self._module, "__len__") else len(children)
-            if not -size <= key < size:
+            size = len(children)
+            child = children.get(str(key if key >= 0 else key + size))
+            if child is None:
                 raise IndexError(f"{self.path} has {size} entries (0..{size - 1}); index {key} is out of range")
-            key = str(key % size)
-        child = self._children.get(str(key))
+            return child
+        if isinstance(key, slice):
+            return list(children.values())[key]
+        child = children.get(str(key))
         if child is None:
             raise KeyError(self._unknown(str(key)))
         return child

@@ -133,8 +133,8 @@ class Trace(ScopedTracer):
         model = self.model
         if model._has_input(self.inputs, self.kwargs):
             scope = Scope(snapshot, None, frame.f_globals)
-            invokes = [InvokeSpec(self.inputs, model._split_kwargs(self.kwargs)[0], _exec(block.code, scope), scope)]
-            call_kwargs = model._split_kwargs(self.kwargs)[1]
+            input_kwargs, call_kwargs = model._split_kwargs(self.kwargs)
+            invokes = [InvokeSpec(self.inputs, input_kwargs, _exec(block.code, scope), scope)]
             scopes = [scope]
         else:
             self._shared = {}

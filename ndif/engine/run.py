@@ -38,6 +38,7 @@ from .mediator import (
     BARRIER,
     INPUT,
     OUTPUT,
+    READ,
     RESULT,
     WRITE,
     WRITE_FIRST,
@@ -98,7 +99,8 @@ class Run:
         self.waiting: dict[Site, Waiters] = {}
         self.results: list[Mediator] = []
         self.released: list[Mediator] = []
-        self.counts: dict[Site, int] = {}
+        self.ran: set[Site] = set()  # modules called this step while a block could still ask
+        self.at_barrier = 0  # blocks parked at a barrier (they may ask again mid-forward)
         self.steps = 0  # steps begun
         self.in_root = False
         self.stop_pending = False
@@ -225,7 +227,7 @@ class Run:
             for mediator in self.mediators if participants is None else participants:
                 mediator.step += 1
         self.steps += 1
-        self.counts = {}
+        self.ran = set()
 
     def end_step(self, participants: Iterable[Mediator] | None = None) -> None:
         """The step is over: a request still waiting for it was missed."""
@@ -255,7 +257,7 @@ class Run:
                 f"{what} was requested for step {request.step}, but the run made only "
                 f"{max(self.steps, 1)} step(s); nothing was served to it. ({mediator.label})"
             )
-        if self.counts.get(request.site, 0):
+        if request.site in self.ran:
             return OutOfOrderError(
                 f"{what} was requested after the model had already run {request.path}{step}. "
                 f"Within one invoke, request modules in the order the forward pass runs them "
@@ -273,9 +275,12 @@ class Run:
         site = controller.site
         if site is self.root and not self.in_root:
             return self._root_call(controller, module, args, kwargs)
-        counts = self.counts
-        counts[site] = counts.get(site, 0) + 1
-        waiters = self.waiting.get(site)
+        waiting = self.waiting
+        if not waiting and not self.at_barrier:
+            # No block can be resumed during this call, so none can ask about it.
+            return controller.body(module, *args, **kwargs)
+        self.ran.add(site)
+        waiters = waiting.get(site)
         if waiters is not None and (waiters.inputs or waiters.observers):
             slot = Slot(INPUT, site, (args, kwargs))
             self._serve(slot)
@@ -308,8 +313,10 @@ class Run:
         """Serve every block waiting on this event, until none is."""
         site = slot.site
         event = slot.event
+        waiting = self.waiting
+        batcher = self.batcher
         while True:
-            waiters = self.waiting.get(site)
+            waiters = waiting.get(site)
             ready = None
             if waiters is not None:
                 parked = waiters.inputs if event == INPUT else waiters.outputs
@@ -321,13 +328,20 @@ class Run:
                     continue
                 break
             for mediator in ready:
-                self._unwait(mediator)
-                request, mediator.pending = mediator.pending, None
-                if request.op in (WRITE, WRITE_FIRST):
-                    self._note_edit(mediator, request, slot)
-                value = apply_op(request, slot, self.batcher, mediator.group)
+                parked.remove(mediator)
+                if waiters.empty() and waiting.get(site) is waiters:
+                    del waiting[site]
+                request = mediator.pending
+                mediator.pending = None
+                op = request.op
+                if op == READ:
+                    value = slot.value if batcher is None else batcher.narrow(slot.value, mediator.group)
+                else:
+                    if op in (WRITE, WRITE_FIRST):
+                        self._note_edit(mediator, request, slot)
+                    value = apply_op(request, slot, batcher, mediator.group)
                 self._resume(mediator, value, slot=slot)
-        waiters = self.waiting.get(site)
+        waiters = waiting.get(site)
         if waiters is not None and waiters.observers:
             for cache in waiters.observers:
                 cache.observe(slot, self)
@@ -382,6 +396,7 @@ class Run:
         mediator.pending = request
         event = request.event
         if event == BARRIER:
+            self.at_barrier += 1
             return
         if event == RESULT:
             self.results.append(mediator)
@@ -422,6 +437,7 @@ class Run:
         while self.released:
             mediator = self.released.pop(0)
             mediator.pending = None
+            self.at_barrier -= 1
             self._resume(mediator)
 
     # -- caches --------------------------------------------------------------------

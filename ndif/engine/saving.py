@@ -60,7 +60,10 @@ def save_method_call(value: Any) -> Any:
     (A ``save`` every object inherits, as another tracing library may mount on
     ``object``, does not count as the object's own.)
     """
-    own = getattr(type(value), "save", None)
+    kind = type(value)
+    if kind is torch.Tensor:
+        return save(value)
+    own = getattr(kind, "save", None)
     if own is None or own is _tensor_save or own is getattr(object, "save", None):
         return save(value)
     return value.save()

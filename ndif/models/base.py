@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..engine.batching import RowBatcher
+from ..engine.batching import RowBatcher, map_tensors
 from ..engine.mediator import Mediator
 from ..engine.run import Run
 from ..envoy import Envoy
@@ -129,9 +128,13 @@ class NNsight(Envoy):
         return Prepared(self._module, args, kwargs, groups, total)
 
     def _device(self) -> torch.device | None:
-        for parameter in self._module.parameters():
-            return parameter.device
-        return None
+        """Where the model's weights are (inputs are moved there)."""
+        probe = self.__dict__.get("_probe")
+        if probe is None or probe[0] is not self._module:
+            first = next(iter(self._module.parameters()), None)
+            probe = (self._module, first)
+            object.__setattr__(self, "_probe", probe)
+        return None if probe[1] is None else probe[1].device
 
     def _ready(self, kind: str) -> None:
         """Make the model runnable for ``kind`` (load weights, for lazily loaded models)."""
@@ -149,27 +152,16 @@ class NNsight(Envoy):
                 mediators.append(Mediator(spec.body, group if batched else None, spec.label))
         device = self._device()
         args, kwargs = prepared.args, prepared.kwargs
-        if device is not None and device.type != "meta":
+        if device is not None:
             args, kwargs = _to_device((args, kwargs), device)
         run = Run(mediators, batcher, root=self._site, sites=self._sites, max_steps=prepared.steps)
         try:
-            with self._mode(trace.kind):
-                if trace.kind == "scan" and device is not None and device.type == "meta":
-                    args, kwargs = _to_device((args, kwargs), device)
+            if trace.kind != "scan":
+                return run.execute(prepared.fn, args, kwargs)
+            with _fake_tensors():
                 return run.execute(prepared.fn, args, kwargs)
         finally:
             run.close()
-
-    @contextlib.contextmanager
-    def _mode(self, kind: str) -> Iterator[None]:
-        if kind != "scan":
-            yield
-            return
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(assume_static_by_default=True)):
-            yield
 
     def _call_untraced(self, kind: str, inputs: tuple, kwargs: dict) -> Any:
         input_kwargs, call_kwargs = self._split_kwargs(kwargs)
@@ -177,7 +169,26 @@ class NNsight(Envoy):
         return self._execute(Trace(self, kind, inputs, kwargs), [spec], call_kwargs)
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    from ..engine.batching import map_tensors
+def _fake_tensors() -> Any:
+    """Shapes and dtypes only: what ``scan`` runs under."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    return map_tensors(value, lambda tensor: tensor.to(device))
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(assume_static_by_default=True))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if not _elsewhere(value, device):
+        return value
+    return map_tensors(value, lambda tensor: tensor if tensor.device == device else tensor.to(device))
+
+
+def _elsewhere(value: Any, device: torch.device) -> bool:
+    """Whether any tensor in ``value`` is not on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.device != device
+    if isinstance(value, (tuple, list)):
+        return any(_elsewhere(item, device) for item in value)
+    if isinstance(value, dict):
+        return any(_elsewhere(item, device) for item in value.values())
+    return False

@@ -195,17 +195,27 @@ def skip_body(block: Block, frame: FrameType) -> Armed | None:
             f"{block.filename}:{first.lineno}: a traced `with` block cannot start with "
             "`try:`. Put another statement above the `try`, or move it outside the block."
         )
-    body_line = first.lineno
     armed = Armed(frame, frame.f_trace, sys.gettrace())
-
-    def trace_lines(current: FrameType, event: str, arg: Any) -> Any:
-        if current.f_lineno < body_line:
-            return trace_lines
-        raise SkipBody()
-
     sys.settrace(_no_trace)
-    frame.f_trace = trace_lines
+    frame.f_trace = _line_tracer(first.lineno)
     return armed
+
+
+_LINE_TRACERS: dict[int, Any] = {}
+
+
+def _line_tracer(body_line: int) -> Any:
+    """A frame trace function that raises `SkipBody` once the frame reaches ``body_line``."""
+    tracer = _LINE_TRACERS.get(body_line)
+    if tracer is None:
+
+        def tracer(current: FrameType, event: str, arg: Any) -> Any:
+            if current.f_lineno < body_line:
+                return tracer
+            raise SkipBody()
+
+        _LINE_TRACERS[body_line] = tracer
+    return tracer
 
 
 def disarm(armed: Armed | None) -> None:

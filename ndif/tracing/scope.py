@@ -16,6 +16,9 @@ if sys.version_info < (3, 13):
 else:  # PEP 667: f_locals writes through
     _locals_to_fast = None
 
+_BUILTINS = builtins.__dict__
+_MISSING = object()
+
 #: Names the rewritten code calls (see `ndif.tracing.rewrite`); filled by the engine.
 HELPERS: dict[str, Any] = {}
 
@@ -49,6 +52,9 @@ class Scope(dict):
         }
 
     def __missing__(self, key: str) -> Any:
+        helper = HELPERS.get(key)
+        if helper is not None:
+            return helper
         shared = self.shared
         if shared is not None and key in shared:
             return shared[key]
@@ -61,11 +67,10 @@ class Scope(dict):
                 return glbls[key]
             except KeyError:
                 pass
-        if hasattr(builtins, key):
-            return getattr(builtins, key)
-        if key in HELPERS:
-            return HELPERS[key]
-        raise KeyError(key)
+        value = _BUILTINS.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         dict.__setitem__(self, key, value)
@@ -95,12 +100,22 @@ def write_back(frame: FrameType, values: dict[str, Any]) -> None:
         for name, value in values.items():
             target[name] = value  # item by item, so an enclosing Scope shares them
         return
-    code = frame.f_code
-    owned = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+    owned = _owned_names(frame.f_code)
     for name, value in values.items():
         (target if name in owned else frame.f_globals)[name] = value
     if _locals_to_fast is not None:
-        _locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))
+        _locals_to_fast(frame, 0)
+
+
+_OWNED: dict[Any, frozenset[str]] = {}
+
+
+def _owned_names(code: Any) -> frozenset[str]:
+    """The names a function's code keeps as locals (everything else it assigns is global)."""
+    owned = _OWNED.get(code)
+    if owned is None:
+        owned = _OWNED[code] = frozenset(code.co_varnames + code.co_cellvars + code.co_freevars)
+    return owned
 
 
 def release_locals(frame: FrameType) -> None:
