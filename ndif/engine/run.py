@@ -36,6 +36,7 @@ from .context import ACTIVE_RUN
 from .instrument import Controller, Site
 from .mediator import (
     BARRIER,
+    EVENT_NAMES,
     INPUT,
     OUTPUT,
     READ,
@@ -375,6 +376,9 @@ class Run:
         except BaseException as exception:
             mediator.here = None
             mediator.done = True
+            if slot is not None and error is None and slot.site is not None:
+                where = "inputs" if slot.event == INPUT else EVENT_NAMES[slot.event]
+                exception.add_note(f"ndif: raised in {mediator.label}, which had just read {slot.site.path}.{where}.")
             self._failed(mediator, exception)
             return
         mediator.here = None
