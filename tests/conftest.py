@@ -14,6 +14,22 @@ import torch  # noqa: E402
 import ndif  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: deterministic CPU kernels, and fast ones on a small machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def module_at(root, path: str):
+    """Walk a dotted path on an envoy or a torch module (digits index lists)."""
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory):
     """A 4-layer, 64-wide random Llama with a locally trained tokenizer."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import module_at as sub
 from transformers import AutoTokenizer
 
 # Batched (padded) and single-prompt runs take different kernels paths: close, not equal.
@@ -31,12 +32,6 @@ class Arch:
 
 
 ARCHS = {"llama": Arch("llama", "model.layers"), "gpt2": Arch("gpt2", "transformer.h")}
-
-
-def sub(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
 
 
 @dataclass

@@ -30,14 +30,6 @@ X = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0]])
 RESULT = None  # set through `global` by a trace body in a test below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def model(mlp) -> ndif.NNsight:
     return ndif.NNsight(mlp)

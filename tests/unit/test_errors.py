@@ -87,15 +87,6 @@ class Expected:
     edited_logits: torch.Tensor  # with layers[2].mlp output zeroed at the last position
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """CPU determinism and speed on a small, busy machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_llama_path) -> ndif.LanguageModel:
     """A wrapped model private to this file: some tests attach modules to it."""

@@ -30,15 +30,6 @@ RSS_SLACK_MB = 30
 TENSOR_SLACK = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Fast, steady CPU kernels on a small machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- measuring -----------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import module_at as sub
 from transformers import AutoTokenizer
 
 import ndif
@@ -38,13 +39,6 @@ ARCHS = {
     "llama": Arch("llama", "model.layers", "self_attn", "model.norm"),
     "gpt2": Arch("gpt2", "transformer.h", "attn", "transformer.ln_f"),
 }
-
-
-def sub(root: Any, path: str) -> Any:
-    """Walk a dotted path on an envoy or a torch module (digits index lists)."""
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
 
 
 @dataclass
