@@ -65,10 +65,11 @@ def _demo(model: ndif.LanguageModel) -> None:
             barrier()
             model.model.layers[1].output[:, -1] = source
             patched = model.lm_head.output[:, -1].save()
-    console.print(f"patched prediction: {model.tokenizer.decode(patched[0].argmax())!r}")
+    token = int(patched[0].argmax())
+    console.print(f"patched prediction: token {token} ({model.tokenizer.decode(token)!r})")
 
     _section("4. Steering every generated token")
-    steer = torch.randn(model.config.hidden_size) * 4
+    steer = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
     with model.generate(prompt, max_new_tokens=6, do_sample=False) as tracer:
         for _ in tracer.all():
             model.model.layers[1].output[:] += steer
