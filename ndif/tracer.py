@@ -91,9 +91,30 @@ class BlockTracer:
 
 
 class ScopedTracer(BlockTracer):
-    """A block that owns a save boundary: the outermost one returns only saved values."""
+    """A block that owns a save boundary: the outermost one returns only saved values.
+
+    With ``remote`` set, the block is not run here: it is sent to a backend as a
+    wire-format request, and the saved values that come back are bound instead.
+    """
+
+    remote: Any = None
+    model: Any = None
+    kind = "trace"
+
+    def _remote_parts(self) -> tuple[tuple, dict, Any]:
+        """(inputs, kwargs, tracer) of the request this block becomes."""
+        return (), {}, None
 
     def _execute(self, frame: FrameType) -> None:
+        if self.remote:
+            from .remote import run_remote
+
+            assert self._block is not None
+            inputs, kwargs, tracer = self._remote_parts()
+            write_back(
+                frame, run_remote(self.model, self.remote, self.kind, self._block, frame, inputs, kwargs, tracer)
+            )
+            return
         outermost = SAVES.get() is None
         saves = SaveScope() if outermost else None
         token = SAVES.set(saves) if outermost else None
@@ -118,30 +139,50 @@ class Trace(ScopedTracer):
     ``tracer.stop()`` and ``tracer.result``.
     """
 
-    def __init__(self, model: NNsight, kind: str, inputs: tuple, kwargs: dict) -> None:
+    def __init__(self, model: NNsight, kind: str, inputs: tuple, kwargs: dict, remote: Any = None) -> None:
         self.model = model
         self.kind = kind
         self.inputs = inputs
         self.kwargs = kwargs
+        self.remote = remote
         self._invokes: list[InvokeSpec] | None = None
         self._shared: dict | None = None
 
+    def _remote_parts(self) -> tuple[tuple, dict, Any]:
+        return self.inputs, self.kwargs, self
+
     def _run(self, frame: FrameType) -> dict[str, Any]:
-        block = self._block
-        assert block is not None
-        snapshot = frame_locals(frame)
+        assert self._block is not None
+        return self.run_body(self._block.code, frame_locals(frame), frame.f_globals)
+
+    def run_body(
+        self,
+        code: Any,
+        snapshot: dict,
+        glbls: dict,
+        builtins: dict | None = None,
+        hidden: frozenset[str] = frozenset(),
+        bound_only: bool = True,
+    ) -> dict[str, Any]:
+        """Run a compiled body against the model; returns the names the body bound
+        (every name it holds, with ``bound_only=False``).
+
+        ``snapshot`` and ``glbls`` are the names the body sees (a frame's locals and
+        globals locally; the captured values on a server, with the sandbox's
+        ``builtins`` and ``hidden`` guard names).
+        """
         model = self.model
         if model._has_input(self.inputs, self.kwargs):
-            scope = Scope(snapshot, None, frame.f_globals)
+            scope = Scope(snapshot, None, glbls, builtins, hidden)
             input_kwargs, call_kwargs = model._split_kwargs(self.kwargs)
-            invokes = [InvokeSpec(self.inputs, input_kwargs, _exec(block.code, scope), scope)]
+            invokes = [InvokeSpec(self.inputs, input_kwargs, _exec(code, scope), scope)]
             scopes = [scope]
         else:
             self._shared = {}
-            body = Scope(snapshot, self._shared, frame.f_globals)
+            body = Scope(snapshot, self._shared, glbls, builtins, hidden)
             self._invokes = []
             try:
-                exec(block.code, body)
+                exec(code, body)
             finally:
                 invokes, self._invokes = self._invokes, None
             if not any(spec.inputs or spec.kwargs for spec in invokes):
@@ -159,7 +200,7 @@ class Trace(ScopedTracer):
             self._shared = None
         values: dict[str, Any] = {}
         for scope in scopes:
-            values.update(scope.written())
+            values.update(scope.written() if bound_only else scope.visible())
         return values
 
     # -- the body's API ----------------------------------------------------------------
@@ -253,12 +294,29 @@ class Invoke(BlockTracer):
 class Session(ScopedTracer):
     """``with model.session():`` — several traces whose values flow into each other."""
 
+    kind = "session"
+
+    def __init__(self, model: Any = None, remote: Any = None) -> None:
+        self.model = model
+        self.remote = remote
+
     def _run(self, frame: FrameType) -> dict[str, Any]:
         assert self._block is not None
-        snapshot = frame_locals(frame)
-        scope = Scope(snapshot, None, frame.f_globals)
-        exec(self._block.code, scope)
-        return scope.written()
+        return self.run_body(self._block.code, frame_locals(frame), frame.f_globals)
+
+    def run_body(
+        self,
+        code: Any,
+        snapshot: dict,
+        glbls: dict,
+        builtins: dict | None = None,
+        hidden: frozenset[str] = frozenset(),
+        bound_only: bool = True,
+    ) -> dict[str, Any]:
+        """Run a session body as plain Python; returns the names it bound."""
+        scope = Scope(snapshot, None, glbls, builtins, hidden)
+        exec(code, scope)
+        return scope.written() if bound_only else scope.visible()
 
 
 @dataclass

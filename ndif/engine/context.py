@@ -10,7 +10,7 @@ see each other.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .mediator import Mediator
@@ -25,3 +25,7 @@ CURRENT_MEDIATOR: ContextVar[Mediator | None] = ContextVar("ndif_current_mediato
 
 #: Where ``.save()`` marks values: the outermost trace or session of this context.
 SAVES: ContextVar[SaveScope | None] = ContextVar("ndif_saves", default=None)
+
+#: The sandbox job whose code runs in this context, if any (see `ndif.sandbox.limits.Job`):
+#: blocks switch its torch-level guard on and off as they run and wait.
+GUARD: ContextVar[Any] = ContextVar("ndif_guard", default=None)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from greenlet import greenlet
 
 from ..tracing.errors import OutsideTraceError, user_line
-from .context import ACTIVE_RUN, CURRENT_MEDIATOR
+from .context import ACTIVE_RUN, CURRENT_MEDIATOR, GUARD
 
 if TYPE_CHECKING:
     from .instrument import Site
@@ -172,6 +172,9 @@ class Mediator:
         "done",
         "caches",
         "backward",
+        "guard",
+        "grad_inside",
+        "grad_outside",
     )
 
     def __init__(self, body: Callable[[], Any], group: Any = None, label: str = "invoke") -> None:
@@ -188,19 +191,31 @@ class Mediator:
         self.done = False
         self.caches: list = []
         self.backward: Any = None  # the gradient run this block is the body of, if any
+        self.guard: Any = None  # the sandbox job guarding this block's code, if any
+        self.grad_inside: bool | None = None
+        self.grad_outside: bool | None = None
 
     # -- driver side -------------------------------------------------------------
 
     def start(self, run: Any) -> None:
         """Create the worker (not yet running); ``run`` drives it from now on."""
         self.run = run
+        self.guard = GUARD.get()
         context = copy_context()
         context.run(_enter_worker, self)
         self.worker = greenlet(self._main)
         self.worker.gr_context = context
 
     def _main(self, *_: Any) -> None:
-        self.body()
+        guard = self.guard
+        if guard is None:
+            self.body()
+            return None
+        guard.enter(self)
+        try:
+            self.body()
+        finally:
+            guard.exit(self)
         return None
 
     @property
@@ -219,11 +234,25 @@ class Mediator:
             if op in (WRITE, WRITE_FIRST):
                 run.last_edit = describe_edit(self, request, slot, user_line(sys._getframe(1)))
             return apply_op(request, slot, run.batcher, self.group)
+        if self.guard is not None:
+            return self._guarded_switch(Request(event, op, site, path, step, value))
         return self.worker.parent.switch(Request(event, op, site, path, step, value))
 
     def park(self, request: Request) -> Any:
         """Park on a request the run answers itself (a barrier)."""
+        if self.guard is not None:
+            return self._guarded_switch(request)
         return self.worker.parent.switch(request)
+
+    def _guarded_switch(self, request: Request) -> Any:
+        """Switch to the model side with the sandbox's guard off while the block waits."""
+        guard = self.guard
+        guard.check()
+        guard.exit(self)
+        try:
+            return self.worker.parent.switch(request)
+        finally:
+            guard.enter(self)
 
 
 def current_mediator(what: str) -> Mediator:

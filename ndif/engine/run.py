@@ -32,7 +32,7 @@ from ..tracing.errors import (
     StopTrace,
     user_line,
 )
-from .context import ACTIVE_RUN
+from .context import ACTIVE_RUN, GUARD
 from .instrument import Controller, Site
 from .mediator import (
     BARRIER,
@@ -224,6 +224,9 @@ class Run:
 
     def begin_step(self, participants: Iterable[Mediator] | None = None) -> None:
         """A new step begins for ``participants`` (default: every block)."""
+        guard = GUARD.get()
+        if guard is not None:
+            guard.check()  # a sandboxed job's time and memory limits
         if self.steps:
             for mediator in self.mediators if participants is None else participants:
                 mediator.step += 1

@@ -34,7 +34,7 @@ class SaveScope:
     def select(self, names: dict[str, Any]) -> dict[str, Any]:
         """The entries of ``names`` whose values were saved."""
         ids = self._ids
-        return {name: value for name, value in names.items() if id(value) in ids and not name.startswith("__ndif")}
+        return {name: value for name, value in names.items() if id(value) in ids}
 
 
 def save(value: Any) -> Any:

@@ -44,22 +44,31 @@ class NNsight(Envoy):
 
     # -- opening blocks ---------------------------------------------------------------
 
-    def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
+    def trace(self, *inputs: Any, trace: bool = True, remote: Any = None, **kwargs: Any) -> Any:
         """Open a trace of one forward pass over ``inputs`` (or over its invokes).
 
         ``trace=False`` skips the block and returns the output directly.
+        ``remote="local"`` runs the block through the wire format and the sandbox in
+        this process, as a server would (local simulation).
         """
         if not trace:
             return self._call_untraced("trace", inputs, kwargs)
-        return Trace(self, "trace", inputs, kwargs)
+        return Trace(self, "trace", inputs, kwargs, remote=remote)
 
-    def scan(self, *inputs: Any, **kwargs: Any) -> Trace:
+    def scan(self, *inputs: Any, remote: Any = None, **kwargs: Any) -> Trace:
         """Like `trace`, on fake tensors: shapes and dtypes only, no real compute."""
-        return Trace(self, "scan", inputs, kwargs)
+        return Trace(self, "scan", inputs, kwargs, remote=remote)
 
-    def session(self) -> Session:
-        """Open a session: several traces that pass values to each other without ``.save()``."""
-        return Session()
+    def session(self, remote: Any = None) -> Session:
+        """Open a session: several traces that pass values to each other without ``.save()``.
+
+        With ``remote`` set, the whole session is one request.
+        """
+        return Session(self, remote=remote)
+
+    def _model_key(self) -> str:
+        """How a server names this model (the request's ``model`` field)."""
+        return type(self._module).__name__
 
     def edit(self, inplace: bool = False) -> Any:
         """Record interventions applied to every later trace.

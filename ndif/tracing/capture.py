@@ -19,6 +19,8 @@ import linecache
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
@@ -66,6 +68,9 @@ class Armed:
         self.thread_trace = thread_trace
 
 
+#: How captured bodies are compiled in this context: plainly, or by the sandbox.
+COMPILER: ContextVar[Callable[[list[ast.stmt], str, str], CodeType]] = ContextVar("ndif_compiler", default=compile_body)
+
 _lock = threading.Lock()
 _SOURCES: dict[str, list[str]] = {}
 _WITH_NODES: dict[str, list[ast.With]] = {}
@@ -93,10 +98,22 @@ def register_source(filename: str, source: str) -> None:
     lines = source.splitlines(keepends=True)
     linecache.cache[filename] = (len(source), None, lines, filename)
     with _lock:
+        _forget(filename)
         _SOURCES[filename] = lines
-        _WITH_NODES.pop(filename, None)
-        for key in [key for key in _BLOCKS if key[0] == filename]:
-            del _BLOCKS[key]
+
+
+def forget_source(filename: str) -> None:
+    """Drop everything cached about ``filename`` (a server's per-job sources)."""
+    linecache.cache.pop(filename, None)
+    with _lock:
+        _forget(filename)
+
+
+def _forget(filename: str) -> None:
+    _SOURCES.pop(filename, None)
+    _WITH_NODES.pop(filename, None)
+    for key in [key for key in _BLOCKS if key[0] == filename]:
+        del _BLOCKS[key]
 
 
 def _with_nodes(filename: str) -> list[ast.With]:
@@ -141,14 +158,15 @@ def _body_source(filename: str, node: ast.With) -> tuple[str, int]:
 def capture(frame: FrameType) -> Block:
     """The block whose ``with`` statement ``frame`` is executing right now."""
     code = frame.f_code
-    key = (code.co_filename, frame.f_lineno, code.co_firstlineno, code.co_name)
+    compiler = COMPILER.get()
+    key = (code.co_filename, frame.f_lineno, code.co_firstlineno, code.co_name, compiler)
     block = _BLOCKS.get(key)
     if block is not None:
         return block
     with _lock:
         node = _find_with(code.co_filename, frame.f_lineno)
         body_source, body_lineno = _body_source(code.co_filename, node)
-        compiled = compile_body(node.body, code.co_filename, code.co_name)
+        compiled = compiler(node.body, code.co_filename, code.co_name)
         block = Block(
             node=node,
             code=compiled,

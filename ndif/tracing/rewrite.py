@@ -4,7 +4,7 @@ A captured body is ordinary Python, with three spellings from NNsight that need
 the engine's help and get it here, at the syntax level, instead of through
 process-wide patches of ``object`` or ``torch.Tensor``:
 
-* ``value.save()`` on any object becomes ``__ndif_save__(value)`` (an object with a
+* ``value.save()`` on any object becomes ``ndif__save(value)`` (an object with a
   ``save`` method of its own keeps it).
 * ``with loss.backward(...):`` becomes a call that runs the real backward pass
   interleaved with the block; inside it, ``t.grad`` reads and ``t.grad = g``
@@ -22,11 +22,13 @@ import ast
 import copy
 from types import CodeType
 
-SAVE = "__ndif_save__"
-GRAD = "__ndif_grad__"
-SET_GRAD = "__ndif_set_grad__"
-BACKWARD = "__ndif_backward__"
-ITERATION_END = "__ndif_IterationEnd__"
+# No leading underscore: the sandbox's compiler (RestrictedPython) refuses such names.
+PREFIX = "ndif__"
+SAVE = "ndif__save"
+GRAD = "ndif__grad"
+SET_GRAD = "ndif__set_grad"
+BACKWARD = "ndif__backward"
+ITERATION_END = "ndif__IterationEnd"
 
 #: Every name the rewritten code may reference; resolved by `ndif.tracing.scope.Scope`.
 HELPER_NAMES = (SAVE, GRAD, SET_GRAD, BACKWARD, ITERATION_END)
@@ -98,7 +100,7 @@ def _assigned_names(statements: list[ast.stmt]) -> list[str]:
 
 
 class _Backwards(ast.NodeTransformer):
-    """``with t.backward(**kw): body`` -> ``def f(): body`` + ``__ndif_backward__(t, f, **kw)``."""
+    """``with t.backward(**kw): body`` -> ``def f(): body`` + ``ndif__backward(t, f, **kw)``."""
 
     def __init__(self) -> None:
         self.function_depth = 0
@@ -124,7 +126,7 @@ class _Backwards(ast.NodeTransformer):
         body = [_Grads().visit(statement) for statement in node.body]
         body = [self.visit(statement) for statement in body]
         names = _assigned_names(body)
-        function_name = f"__ndif_backward_body_{node.lineno}__"
+        function_name = f"{PREFIX}backward_body_{node.lineno}"
         prologue: list[ast.stmt] = [ast.Global(names=names)] if names else []
         function = ast.FunctionDef(
             name=function_name,

@@ -9,6 +9,8 @@ import sys
 from types import FrameType
 from typing import Any
 
+from .rewrite import PREFIX
+
 if sys.version_info < (3, 13):
     _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
     _locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
@@ -32,24 +34,47 @@ class Scope(dict):
     block was written). Names a block binds are also written to ``shared``, so a
     later ``tracer.invoke`` block of the same trace can read them. Used as
     ``exec``'s globals too, so lambdas and nested functions see the block's names.
+
+    ``builtins`` is what names fall back to last (the sandbox passes its own; a
+    block nested in another inherits its enclosing block's). ``hidden`` names were
+    put in by ndif (the sandbox's guards) and are never handed back to the caller.
     """
 
-    __slots__ = ("snapshot", "shared", "glbls")
+    __slots__ = ("snapshot", "shared", "glbls", "builtins", "hidden")
 
-    def __init__(self, own: dict, shared: dict | None, glbls: dict) -> None:
+    def __init__(
+        self,
+        own: dict,
+        shared: dict | None,
+        glbls: dict,
+        builtins: dict | None = None,
+        hidden: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(own)
         self.snapshot = own
         self.shared = shared
         self.glbls = glbls
+        if builtins is None:
+            builtins = glbls.builtins if isinstance(glbls, Scope) else _BUILTINS
+        self.builtins = builtins
+        self.hidden = hidden or (glbls.hidden if isinstance(glbls, Scope) else frozenset())
 
     def written(self) -> dict[str, Any]:
         """The names the block bound or rebound (not the ones it only inherited)."""
         snapshot = self.snapshot
+        hidden = self.hidden
         return {
             name: value
             for name, value in self.items()
-            if not name.startswith("__ndif") and (name not in snapshot or snapshot[name] is not value)
+            if not name.startswith(PREFIX)
+            and name not in hidden
+            and (name not in snapshot or snapshot[name] is not value)
         }
+
+    def visible(self) -> dict[str, Any]:
+        """Every name the block holds, but ndif's own."""
+        hidden = self.hidden
+        return {name: value for name, value in self.items() if not name.startswith(PREFIX) and name not in hidden}
 
     def __missing__(self, key: str) -> Any:
         helper = HELPERS.get(key)
@@ -67,7 +92,7 @@ class Scope(dict):
                 return glbls[key]
             except KeyError:
                 pass
-        value = _BUILTINS.get(key, _MISSING)
+        value = self.builtins.get(key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
         return value
