@@ -113,13 +113,17 @@ def build_request(
     )
 
 
-def local_backend(model: NNsight) -> Backend:
-    """Local simulation: a server for ``model`` in this process (wire format and sandbox included)."""
+def local_backend(model: NNsight, limits: Any = None) -> Backend:
+    """Local simulation: a server for ``model`` in this process (wire format and sandbox included).
+
+    ``limits`` is a `ndif.sandbox.JobLimits` (the server's defaults when omitted);
+    pass ``remote=local_backend(model, limits)`` to a trace to try other limits.
+    """
     from .sandbox.runtime import run_request
 
     def run(data: bytes) -> bytes:
         request = codec.decode_request(data)
-        return codec.encode_result(run_request(model, request))
+        return codec.encode_result(run_request(model, request, limits))
 
     return run
 
