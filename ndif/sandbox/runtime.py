@@ -70,6 +70,7 @@ class Materializer:
         self.sources = sources
         self.namespace = namespace  # guards and builtins every compiled piece runs with
         self._done: dict[int, Any] = {}
+        self._pending: dict[int, list[tuple[dict, str]]] = {}
         self._count = itertools.count(1)
 
     def value(self, value: Any) -> Any:
@@ -131,28 +132,39 @@ class Materializer:
     def _scope(self) -> dict[str, Any]:
         return dict(self.namespace)
 
+    def _names(self, spec: FunctionSpec | ClassSpec, names: dict[str, Any]) -> dict[str, Any]:
+        """The namespace a function or class is defined in. A name referring to code still
+        being defined (recursion, mutual references) is bound once that code exists."""
+        scope = self._scope()
+        self._pending[id(spec)] = []
+        for name, item in names.items():
+            if isinstance(item, (FunctionSpec, ClassSpec)) and id(item) in self._pending:
+                self._pending[id(item)].append((scope, name))
+            else:
+                scope[name] = self.value(item)
+        return scope
+
+    def _defined(self, spec: FunctionSpec | ClassSpec, value: Any) -> Any:
+        self._done[id(spec)] = value
+        for scope, name in self._pending.pop(id(spec)):
+            scope[name] = value
+        return value
+
     def _function(self, spec: FunctionSpec) -> Any:
+        scope = self._names(spec, {**spec.globals, **spec.closure})
         text = f"ndif__lambda = {spec.source}" if spec.is_lambda else spec.source
         code, _ = self._compile(text, spec.filename, spec.line)
-        scope = self._scope()
         exec(code, scope)
-        function = scope["ndif__lambda" if spec.is_lambda else spec.name]
-        self._done[id(spec)] = function
-        for name, item in {**spec.globals, **spec.closure}.items():
-            scope[name] = self.value(item)
-        return function
+        return self._defined(spec, scope["ndif__lambda" if spec.is_lambda else spec.name])
 
     def _class(self, spec: ClassSpec) -> type:
-        scope = self._scope()
-        for name, item in spec.globals.items():
-            scope[name] = self.value(item)
+        scope = self._names(spec, spec.globals)
         code, _ = self._compile(spec.source, spec.filename, spec.line)
         exec(code, scope)
         cls = scope[spec.name]
         if not isinstance(cls, type):
             raise NDIFError(f"{spec.name} did not define a class")
-        self._done[id(spec)] = cls
-        return cls
+        return self._defined(spec, cls)
 
     def _module(self, spec: ModuleSpec) -> torch.nn.Module:
         cls = self.value(spec.cls)

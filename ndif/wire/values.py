@@ -397,11 +397,9 @@ class Encoder:
         code = function.__code__
         source, is_lambda = _function_source(function, where)
         scope = function.__globals__
-        globals_ = {
-            name: scope[name]
-            for name in sorted(_code_names(code))
-            if name in scope and not _is_builtin(name, scope[name])
-        }
+        # Names the code reads, and names its definition reads (annotations, defaults, decorators).
+        names = _code_names(code) | _source_names(source)
+        globals_ = {name: scope[name] for name in sorted(names) if name in scope and not _is_builtin(name, scope[name])}
         closure = {}
         for name, cell in zip(code.co_freevars, function.__closure__ or ()):
             try:
