@@ -45,6 +45,9 @@ class RemoteError(NDIFError):
         self.kind = kind
 
 
+_ABSENT = object()
+
+
 def body_names(block: Block) -> set[str]:
     """Every name the body reads (it may read any of them from the caller's scope)."""
     names = set()
@@ -98,7 +101,7 @@ def build_request(
         if tracer is not None and value is tracer:
             tracer_name = name
             continue
-        if getattr(builtins, name, None) is value:
+        if getattr(builtins, name, _ABSENT) is value:
             continue
         captured[name] = encoder.encode(value, f"variable {name!r}")
     return Request(

@@ -25,7 +25,7 @@ from types import CodeType
 from RestrictedPython.transformer import ALLOWED_FUNC_NAMES, RestrictingNodeTransformer
 
 from ..tracing.errors import TraceSyntaxError
-from ..tracing.rewrite import rewrite
+from ..tracing.rewrite import rewrite, strip_annotations
 
 #: Dunder methods a user class may define (never __getattr__/__setattr__/__del__/
 #: __reduce__/__get__/__set__/__init_subclass__: hooks into attribute access,
@@ -125,7 +125,7 @@ class SandboxTransformer(RestrictingNodeTransformer):
 def compile_restricted_body(statements: list[ast.stmt], filename: str, name: str = "<trace>") -> CodeType:
     """Rewrite, guard and compile a body; raises `TraceSyntaxError` listing every violation."""
     try:
-        module = rewrite(statements)
+        module = strip_annotations(rewrite(statements))
     except SyntaxError as error:
         raise TraceSyntaxError(f"{filename}: {error}") from None
     errors: list[str] = []

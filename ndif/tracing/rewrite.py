@@ -164,6 +164,38 @@ class _StepLoops(ast.NodeTransformer):
         return ast.copy_location(ast.Try(body=[node], handlers=[handler], orelse=[], finalbody=[]), node)
 
 
+class _Annotations(ast.NodeTransformer):
+    """Drops type annotations: a server compiles code without the modules they name."""
+
+    def _arguments(self, node: ast.arguments) -> None:
+        for arg in (*node.posonlyargs, *node.args, *node.kwonlyargs, node.vararg, node.kwarg):
+            if arg is not None:
+                arg.annotation = None
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        self._arguments(node.args)
+        node.returns = None
+        self.generic_visit(node)
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
+        self.generic_visit(node)
+        return node
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST | None:
+        if node.value is None:
+            return None
+        assign = ast.Assign(targets=[node.target], value=self.visit(node.value))
+        return ast.copy_location(assign, node)
+
+
+def strip_annotations(tree: ast.AST) -> ast.AST:
+    """``tree`` without type annotations (its bodies keep their line numbers)."""
+    return _Annotations().visit(tree)
+
+
 def rewrite(statements: list[ast.stmt]) -> ast.Module:
     """Apply every rewrite to a copy of ``statements``; returns a compilable module."""
     module = ast.Module(body=copy.deepcopy(statements), type_ignores=[])

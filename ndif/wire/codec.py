@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,16 +39,19 @@ def _unpack(data: bytes, kind: type, limits: SizeLimits) -> Any:
     if bytes(data[:4]) != MAGIC:
         raise WireError("malformed message: not an ndif message (bad magic)")
     try:
-        decompressor = zstandard.ZstdDecompressor()
-        raw = decompressor.decompress(bytes(data[4:]), max_output_size=limits.max_uncompressed)
+        # Read at most one byte past the limit, whatever size the frame header declares.
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data[4:])), read_across_frames=False)
+        raw = reader.read(limits.max_uncompressed + 1)
     except zstandard.ZstdError as error:
         raise WireError(f"malformed message: {error}") from None
     if len(raw) > limits.max_uncompressed:
         raise WireError(f"the message expands to more than {limits.max_uncompressed} bytes")
     try:
         message = msgspec.msgpack.decode(raw, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as error:
         raise WireError(f"malformed message: {error}") from None
+    except RecursionError:
+        raise WireError("malformed message: values nest too deeply") from None
     if message.protocol != PROTOCOL_VERSION:
         raise WireError(
             f"protocol version {message.protocol} is not supported (this side speaks {PROTOCOL_VERSION}); "

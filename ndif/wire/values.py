@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import inspect
 import math
+import re
 import sys
 import textwrap
 import types
@@ -134,15 +136,15 @@ class Placeholder:
     value: str = ""
 
 
-class Cycle:
-    """Marks a value referring back to itself, which the wire cannot express."""
+_BIG_INT = re.compile(r"-?[0-9]{1,4000}")
+_MAX_DIMENSION = 2**40
 
 
 # -- encoding ----------------------------------------------------------------------------
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
@@ -223,12 +225,17 @@ class Encoder:
         if isinstance(value, float):
             return value if math.isfinite(value) else {"$": "float", "v": repr(value)}
         if self.placeholders is not None:
-            holder = self.placeholders(value)
+            try:
+                holder = self.placeholders(value)
+            except WireError as refused:
+                raise WireError(f"cannot send {where}: {refused}") from None
             if holder is not None:
                 return {"$": holder.kind, "v": holder.value}
         if isinstance(value, torch.Tensor):
             return self._tensor(value, where)
         key = id(value)
+        if key in self._ids:  # a function, class, module or tensor already on its way
+            return {"$": "ref", "v": self._ids[key]}
         if key in self._active:
             raise self._refuse(value, where, "it contains itself, which cannot be sent")
         self._active.add(key)
@@ -241,6 +248,8 @@ class Encoder:
         kind = type(value)
         if kind is list:
             return [self._value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        if kind is torch.Size:
+            return {"$": "size", "v": [int(size) for size in value]}
         if kind is tuple or (isinstance(value, tuple) and not hasattr(value, "_fields")):
             return {"$": "tuple", "v": [self._value(item, f"{where}[{i}]") for i, item in enumerate(value)]}
         if kind is dict:
@@ -265,8 +274,6 @@ class Encoder:
             return self._ndarray(value, where)
         if isinstance(value, np.generic):
             return self._value(value.item(), where)
-        if isinstance(value, torch.Size):
-            return {"$": "tuple", "v": [int(size) for size in value]}
         output = self._model_output(value, where)
         if output is not None:
             return output
@@ -350,10 +357,7 @@ class Encoder:
         kind = type(value)
         if not kind.__module__.startswith(MODEL_OUTPUTS) or not isinstance(value, dict):
             return None
-        fields = {}
-        for key, item in value.items():
-            if isinstance(item, (torch.Tensor, tuple, list, type(None))):
-                fields[key] = self._value(item, f"{where}.{key}")
+        fields = {key: item for key, item in value.items() if _output_field(item)}
         return {"$": "output", "class": f"{kind.__module__}.{kind.__qualname__}", "v": self._dict(fields, where)}
 
     def _module(self, module: torch.nn.Module, where: str) -> Any:
@@ -451,6 +455,13 @@ class Encoder:
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()).keys()) | {"training"}
 
 
+def _output_field(value: Any) -> bool:
+    """Whether a model output's field travels: tensors, and tuples of them (not caches)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, tuple) and all(isinstance(item, (torch.Tensor, tuple)) for item in value)
+
+
 def _is_builtin(name: str, value: Any) -> bool:
     return getattr(builtins, name, _SENTINEL) is value
 
@@ -467,7 +478,10 @@ def _code_names(code: types.CodeType) -> set[str]:
 
 
 def _source_names(source: str) -> set[str]:
-    tree = ast.parse(source)
+    """Names a definition's source reads, leaving out annotations (never evaluated remotely)."""
+    from ..tracing.rewrite import strip_annotations
+
+    tree = strip_annotations(ast.parse(source))
     return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
 
@@ -557,7 +571,7 @@ class Decoder:
 
     def _int(self, tree: dict, depth: int) -> int:
         text = self._field(tree, "v", str)
-        if len(text) > 4000 or not text.lstrip("-").isdigit():
+        if not _BIG_INT.fullmatch(text):
             raise self._fail("bad big integer")
         return int(text)
 
@@ -569,6 +583,12 @@ class Decoder:
 
     def _tuple(self, tree: dict, depth: int) -> tuple:
         return tuple(self._list(tree, depth))
+
+    def _size(self, tree: dict, depth: int) -> torch.Size:
+        dims = self._field(tree, "v", list)
+        if len(dims) > 32 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in dims):
+            raise self._fail("a torch.Size must be at most 32 non-negative integers")
+        return torch.Size(dims)
 
     def _dict(self, tree: dict, depth: int) -> dict:
         keys = self._list(tree, depth, "k")
@@ -621,6 +641,8 @@ class Decoder:
         shape = self._field(tree, "shape", list)
         if len(shape) > 32 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise self._fail("a shape must be at most 32 non-negative integers")
+        if any(s > _MAX_DIMENSION for s in shape):
+            raise self._fail(f"a dimension is larger than {_MAX_DIMENSION}")
         return shape
 
     def _remember(self, tree: dict, value: Any) -> Any:
@@ -647,9 +669,9 @@ class Decoder:
                 f"tensor data has {len(data) if isinstance(data, bytes) else 'no'} bytes, "
                 f"its shape and dtype need {size}"
             )
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
-        tensor = raw.view(dtype).reshape(shape)
-        if tree.get("grad") is True and tensor.is_floating_point():
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.zeros(0, dtype=torch.uint8)
+        tensor = (raw != 0).reshape(shape) if dtype is torch.bool else raw.view(dtype).reshape(shape)
+        if tree.get("grad") is True and (tensor.is_floating_point() or tensor.is_complex()):
             tensor.requires_grad_(True)
         return self._remember(tree, tensor)
 
@@ -728,7 +750,7 @@ class Decoder:
         if not isinstance(spec.cls, (ClassSpec, Placeholder)):
             raise self._fail("a module's class must be a class")
         spec.attrs = self._named(tree, "attrs", depth)
-        for name in ("parameters", "buffers", "children"):
+        for name, kind in (("parameters", torch.Tensor), ("buffers", torch.Tensor), ("children", ModuleSpec)):
             group = tree.get(name)
             if not isinstance(group, dict):
                 raise self._fail(f"a module's {name} must be a map")
@@ -736,7 +758,10 @@ class Decoder:
             for key, item in group.items():
                 if not isinstance(key, str) or not key.isidentifier():
                     raise self._fail(f"bad name in a module's {name}")
-                decoded[key] = None if item is None else self._value(item, depth)
+                value = None if item is None else self._value(item, depth)
+                if value is not None and not isinstance(value, kind):
+                    raise self._fail(f"a module's {name} must be {kind.__name__} values")
+                decoded[key] = value
             setattr(spec, name, decoded)
         return spec
 
@@ -744,12 +769,17 @@ class Decoder:
         path = self._field(tree, "class", str)
         module_name, _, name = path.rpartition(".")
         fields = self._dict(self._field(tree, "v", dict), depth)
-        if module_name.startswith(MODEL_OUTPUTS) and name.isidentifier():
-            module = sys.modules.get(module_name)
-            cls = getattr(module, name, None) if module is not None else None
-            if isinstance(cls, type) and issubclass(cls, dict):
-                return cls(**{k: v for k, v in fields.items() if isinstance(k, str)})
-        return fields
+        if not all(isinstance(key, str) and _output_field(value) for key, value in fields.items()):
+            raise self._fail("a model output's fields must be tensors or tuples of tensors")
+        module = sys.modules.get(module_name) if module_name.startswith(MODEL_OUTPUTS) else None
+        cls = getattr(module, name, None) if module is not None and name.isidentifier() else None
+        if not (isinstance(cls, type) and issubclass(cls, dict) and dataclasses.is_dataclass(cls)):
+            return fields
+        known = {field.name for field in dataclasses.fields(cls)}
+        try:
+            return cls(**{key: value for key, value in fields.items() if key in known})
+        except (TypeError, ValueError) as error:
+            raise self._fail(f"bad model output: {error}") from None
 
     def _cache(self, tree: dict, depth: int) -> Any:
         from ..engine.cache import Cache, CacheView, Entry
@@ -774,6 +804,7 @@ class Decoder:
         "int": _int,
         "float": _float,
         "tuple": _tuple,
+        "size": _size,
         "dict": _dict,
         "set": _set,
         "frozenset": _set,
