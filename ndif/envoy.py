@@ -109,8 +109,13 @@ class Envoy:
 
     def __getattr__(self, name: str) -> Any:
         module = self.__dict__.get("_module")
-        if module is None:
-            raise AttributeError(name)
+        if module is None or name.startswith("_"):
+            # Private names never fall through to the module: `torch.nn.Module` methods
+            # called on an envoy must not reach the real module's hooks and parameters.
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}: an envoy does not expose its module's private "
+                "attributes (a torch.nn.Module method called on an envoy would need them)"
+            )
         try:
             value = getattr(module, name)
         except AttributeError:
@@ -158,11 +163,17 @@ class Envoy:
     def __bool__(self) -> bool:
         return True
 
-    def get(self, path: str) -> Any:
-        """The envoy at a dotted path below this one (``"model.layers.0.mlp"``)."""
-        envoy: Any = self
+    def get(self, path: str) -> Envoy:
+        """The envoy at a dotted path below this one (``"model.layers.0.mlp"``); aliases work."""
+        envoy: Envoy = self
         for part in path.split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+            child = envoy._children.get(part)
+            if child is None:
+                alias = envoy.__dict__.get(part) if part in envoy._aliases else None
+                if not isinstance(alias, Envoy):
+                    raise AttributeError(envoy._unknown(part))
+                child = alias
+            envoy = child
         return envoy
 
     def modules(self) -> list[Envoy]:

@@ -92,6 +92,8 @@ def build_request(
     captured: dict[str, Any] = {}
     tracer_name = None
     for name in sorted(body_names(block)):
+        if name.startswith("__"):
+            continue  # dunder names: the server refuses them at the user's line
         if name in local:
             value = local[name]
         elif name in scope_globals:

@@ -38,6 +38,7 @@ from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from ..engine.barrier import Barrier
 from ..engine.cache import CacheView, Entry
+from ..engine.context import GUARD
 from ..engine.iteration import Steps, StepSelector
 from ..envoy import Envoy
 from ..tracer import Trace
@@ -53,15 +54,40 @@ class SandboxViolation(NDIFError, PermissionError):
 # -- libraries -----------------------------------------------------------------------------
 
 
+class _StandIn(type):
+    """Metaclass of a class's stand-in: ``isinstance``/``issubclass`` work, calling it does not."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, cls._real)
+
+    def __subclasscheck__(cls, other: type) -> bool:
+        return isinstance(other, type) and issubclass(other, cls._real)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise SandboxViolation(f"{cls._shown}(...) is not available in a remote trace: {cls._why}")
+
+    def __getattr__(cls, name: str) -> Any:
+        raise SandboxViolation(
+            f"{cls._shown}.{name} is not available in a remote trace: call methods on the objects themselves "
+            f"(x.{name}(...))"
+        )
+
+
+def stand_in(real: type, shown: str, why: str) -> type:
+    """A class usable in ``isinstance`` checks but not to construct objects."""
+    return _StandIn(real.__name__, (), {"_real": real, "_shown": shown, "_why": why})
+
+
 class Library:
     """An allowed library module as a sandboxed body sees it.
 
     ``allow`` (when given) lists the attributes that may be read; otherwise every
-    public attribute but those in ``deny``. Submodules come back as proxies too,
-    when listed in ``submodules``.
+    public attribute but those in ``deny`` (and, with ``deny_setters``, every
+    ``set_*`` function and ``*Storage`` class). ``replace`` swaps an attribute for a
+    safer stand-in; submodules come back as proxies when listed in ``submodules``.
     """
 
-    __slots__ = ("_name", "_module", "_allow", "_deny", "_submodules")
+    __slots__ = ("_name", "_module", "_allow", "_deny", "_submodules", "_replace", "_deny_setters")
 
     def __init__(
         self,
@@ -70,33 +96,60 @@ class Library:
         allow: frozenset[str] | None = None,
         deny: frozenset[str] = frozenset(),
         submodules: dict[str, Library] | None = None,
+        replace: dict[str, Any] | None = None,
+        deny_setters: bool = False,
     ) -> None:
         self._name = name
         self._module = module
         self._allow = allow
         self._deny = deny
         self._submodules = submodules or {}
+        self._replace = replace or {}
+        self._deny_setters = deny_setters
 
     def __getattr__(self, name: str) -> Any:
         return self.get(name)
+
+    def _denied(self, name: str) -> bool:
+        if name in self._deny or (self._allow is not None and name not in self._allow):
+            return True
+        return self._deny_setters and (name.startswith("set_") or name.endswith("Storage"))
 
     def get(self, name: str) -> Any:
         if name.startswith("_"):
             raise SandboxViolation(f"{self._name}.{name} is not available in a remote trace")
         if name in self._submodules:
             return self._submodules[name]
-        if name in self._deny or (self._allow is not None and name not in self._allow):
+        if name in self._replace:
+            return self._replace[name]
+        if self._denied(name):
             raise SandboxViolation(
                 f"{self._name}.{name} is not available in a remote trace "
                 f"({_DENY_REASONS.get(name, 'it is outside what trace bodies may use')})"
             )
-        value = getattr(self._module, name)
+        try:
+            value = getattr(self._module, name)
+        except AttributeError:
+            raise AttributeError(f"{self._name} has no attribute {name!r}") from None
         if isinstance(value, types.ModuleType):
             raise SandboxViolation(f"{self._name}.{name} is not available in a remote trace")
         return value
 
     def __repr__(self) -> str:
         return f"<library {self._name} (sandboxed)>"
+
+
+def _numpy_copy(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``np.array``/``np.asarray`` that never share memory with a tensor."""
+
+    def copying(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().clone()
+        kwargs.pop("copy", None)
+        return np.array(value, *args, **kwargs)
+
+    copying.__name__ = function.__name__
+    return copying
 
 
 _DENY_REASONS = {
@@ -111,12 +164,14 @@ _DENY_REASONS = {
     "frombuffer": "it reads raw memory",
     "empty": "uninitialized memory may hold another job's data; use torch.zeros",
     "empty_like": "uninitialized memory may hold another job's data; use torch.zeros_like",
+    "default_generator": "it is the process-wide random state; use torch.Generator()",
+    "from_dlpack": "it reaches raw memory",
 }
 
 _TORCH_DENY = frozenset(
     """
     load save from_file frombuffer as_strided as_strided_ as_strided_scatter asarray set_ ops
-    empty empty_like empty_strided empty_permuted
+    empty empty_like empty_strided empty_permuted default_generator from_dlpack to_dlpack
     classes library hub jit compile utils distributed multiprocessing cuda mps xpu backends fx
     export package profiler onnx quantization ao testing overrides random storage _C
     set_default_dtype set_default_device set_default_tensor_type set_num_threads
@@ -161,19 +216,30 @@ def _libraries() -> dict[str, Library]:
         "torch",
         torch,
         deny=_TORCH_DENY,
+        deny_setters=True,
+        replace={
+            "Tensor": stand_in(
+                torch.Tensor, "torch.Tensor", "it returns uninitialized memory; use torch.tensor or torch.zeros"
+            ),
+        },
         submodules={
             "nn": nn,
             "linalg": Library("torch.linalg", torch.linalg),
             "fft": Library("torch.fft", torch.fft),
             "special": Library("torch.special", torch.special),
             "autograd": autograd,
-            "distributions": Library("torch.distributions", torch.distributions),
+            "distributions": Library("torch.distributions", torch.distributions, deny_setters=True),
         },
     )
     numpy_library = Library(
         "numpy",
         np,
         allow=_NUMPY_ALLOW,
+        replace={
+            "ndarray": stand_in(np.ndarray, "numpy.ndarray", "it returns uninitialized memory; use numpy.zeros"),
+            "array": _numpy_copy(np.array),
+            "asarray": _numpy_copy(np.asarray),
+        },
         submodules={"linalg": Library("numpy.linalg", np.linalg, allow=frozenset({"norm", "svd", "eigh", "inv"}))},
     )
     found = {
@@ -232,7 +298,7 @@ def guarded_import(name: str, globals: Any = None, locals: Any = None, fromlist:
 
 _TENSOR_DENY = frozenset(
     """
-    new_empty new_empty_strided
+    new new_empty new_empty_strided
     as_strided as_strided_ as_strided_scatter set_ storage untyped_storage data_ptr storage_offset
     grad_fn register_post_accumulate_grad_hook share_memory_ is_shared from_file resize_ resize_as_
     untyped_storage_ pin_memory record_stream module_load
@@ -368,9 +434,11 @@ def _rule_for(kind: type) -> Callable[[Any, str, tuple], Any]:
         return _ndarray_rule
     if issubclass(kind, ConfigView):
         return _plain_rule
-    if issubclass(kind, _OPEN_TYPES):
-        return _plain_rule
     if issubclass(kind, type):
+        return _class_rule
+    if issubclass(kind, BaseException):
+        return _exception_rule
+    if issubclass(kind, _OPEN_TYPES):
         return _plain_rule
     if issubclass(kind, types.FunctionType):
         return _plain_rule
@@ -390,7 +458,36 @@ def _plain_rule(obj: Any, name: str, default: tuple) -> Any:
 def _tensor_rule(obj: Any, name: str, default: tuple) -> Any:
     if name in _TENSOR_DENY:
         raise SandboxViolation(f"tensor.{name} is not available in a remote trace (it reaches storage or the graph)")
+    if name == "numpy":  # a copy: an array sharing a weight's memory would be a way to write it
+        return lambda *args, **kwargs: obj.detach().cpu().clone().numpy(*args, **kwargs)
     return getattr(obj, name, *default)
+
+
+def _exception_rule(obj: Any, name: str, default: tuple) -> Any:
+    if name == "obj":  # AttributeError.obj: the object the failed lookup was made on
+        raise SandboxViolation("exception.obj is not available in a remote trace")
+    return getattr(obj, name, *default)
+
+
+def _class_rule(cls: Any, name: str, default: tuple) -> Any:
+    """Attributes of a class: no way around what its instances deny, no shared state to edit."""
+    if is_sandbox_class(cls) or isinstance(cls, _StandIn):
+        return getattr(cls, name, *default)
+    if issubclass(cls, (Envoy, Trace, Library, ConfigView, _Writer, PrintCollector, _StandIn)):
+        raise SandboxViolation(f"{cls.__name__}.{name} is not available in a remote trace")
+    denied = (
+        (issubclass(cls, torch.Tensor) and name in _TENSOR_DENY)
+        or (issubclass(cls, str) and name in _STR_DENY)
+        or (issubclass(cls, np.ndarray) and name in _NDARRAY_DENY)
+        or "Storage" in cls.__name__
+        or name.startswith("set_")
+    )
+    if denied:
+        raise SandboxViolation(f"{cls.__name__}.{name} is not available in a remote trace")
+    value = getattr(cls, name, *default)
+    if isinstance(value, (dict, list, set)):
+        return type(value)(value)  # a class's shared container: hand back a copy
+    return value
 
 
 def _envoy_rule(obj: Any, name: str, default: tuple) -> Any:
@@ -472,7 +569,12 @@ class _Writer:
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in self._names:
             raise SandboxViolation(f"cannot set .{name} of {self._what} in a remote trace")
-        setattr(self._target, name, value)
+        target = self._target
+        if isinstance(target, torch.Tensor):
+            job = GUARD.get()
+            if job is not None and job.mode.is_protected(target):
+                raise SandboxViolation(f"cannot set .{name} of the model's weights in a remote trace")
+        setattr(target, name, value)
 
     def __delattr__(self, name: str) -> None:
         raise SandboxViolation(f"cannot delete .{name} of {self._what} in a remote trace")
@@ -517,6 +619,8 @@ def guarded_write(obj: Any) -> Any:
         return obj
     if kind.__module__.startswith("transformers.") and isinstance(obj, dict):
         return obj
+    if isinstance(obj, _StandIn):
+        raise SandboxViolation(f"cannot modify {obj._shown} in a remote trace")
     raise SandboxViolation(f"cannot modify a {kind.__module__}.{kind.__qualname__} in a remote trace")
 
 
@@ -576,8 +680,42 @@ _INPLACE = {
 }
 
 
+MAX_SEQUENCE = 1 << 26
+MAX_INT_BITS = 1 << 20
+_BINARY = {"*": operator.mul, "**": operator.pow, "<<": operator.lshift}
+_SEQUENCES = (str, bytes, bytearray, list, tuple)
+
+
+def _check_growth(op: str, left: Any, right: Any) -> None:
+    if op in ("*", "*="):
+        for seq, count in ((left, right), (right, left)):
+            if isinstance(seq, _SEQUENCES) and isinstance(count, int) and len(seq) * count > MAX_SEQUENCE:
+                raise SandboxViolation(
+                    f"repeating a {type(seq).__name__} {count} times is over the limit of {MAX_SEQUENCE} items "
+                    "in a remote trace"
+                )
+    elif isinstance(left, int) and isinstance(right, int) and not isinstance(left, bool):
+        if op in ("**", "**="):
+            bits = abs(right) * max(abs(left), 1).bit_length() if abs(left) > 1 else 0
+        elif op in ("<<", "<<="):
+            bits = left.bit_length() + right
+        else:
+            return
+        if bits > MAX_INT_BITS:
+            raise SandboxViolation(
+                f"an integer of about {bits} bits is over the limit of {MAX_INT_BITS} in a remote trace"
+            )
+
+
+def binop(op: str, left: Any, right: Any) -> Any:
+    """``_binop_``: ``left * right``, ``left ** right``, ``left << right``, bounded in size."""
+    _check_growth(op, left, right)
+    return _BINARY[op](left, right)
+
+
 def inplace_var(op: str, target: Any, value: Any) -> Any:
     """``_inplacevar_``: ``name op= value``."""
+    _check_growth(op, target, value)
     return _INPLACE[op](target, value)
 
 
@@ -587,20 +725,27 @@ def apply_call(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 class PrintCollector:
-    """``_print_``: where a sandboxed ``print`` goes (the job's log)."""
+    """``_print_``: where a sandboxed ``print`` goes (the job's log, up to ``limit`` characters)."""
 
-    def __init__(self, sink: list[str]) -> None:
+    def __init__(self, sink: list[str], limit: int = 1 << 20) -> None:
         self.sink = sink
+        self.left = limit
 
     def __call__(self, _getattr: Any = None) -> PrintCollector:
         return self
 
     def _call_print(self, *args: Any, **kwargs: Any) -> None:
+        if self.left <= 0:
+            return
         kwargs.pop("file", None)
         kwargs.pop("flush", None)
         buffer = io.StringIO()
         print(*args, **kwargs, file=buffer)
-        self.sink.append(buffer.getvalue().rstrip("\n"))
+        line = buffer.getvalue().rstrip("\n")
+        if len(line) >= self.left:
+            line = line[: self.left] + "\n[ndif: the job's output was cut here, at its size limit]"
+        self.left -= len(line)
+        self.sink.append(line)
 
     def __call_print__(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - RestrictedPython name
         self._call_print(*args, **kwargs)
@@ -610,7 +755,7 @@ class PrintCollector:
 
 _SAFE_BUILTIN_NAMES = """
     None True False abs all any bool bytes callable chr complex dict divmod enumerate filter float
-    format frozenset hash hex int isinstance issubclass iter len list map max min next oct ord pow
+    format frozenset hash hex int isinstance issubclass len list map max min next oct ord pow
     range repr reversed round set slice sorted str sum tuple zip super object property staticmethod
     classmethod id bin ascii ArithmeticError AssertionError AttributeError BaseException Exception
     IndexError KeyError LookupError NameError NotImplementedError OverflowError RuntimeError
@@ -618,10 +763,28 @@ _SAFE_BUILTIN_NAMES = """
 """.split()
 
 
+MAX_RANGE = 10**7
+
+
+def guarded_range(*args: int) -> range:
+    """``range``, bounded: a huge range is a loop in C that no time limit can interrupt."""
+    span = range(*args)
+    if len(span) > MAX_RANGE:
+        raise SandboxViolation(f"range of {len(span)} items is over the limit of {MAX_RANGE} in a remote trace")
+    return span
+
+
+def guarded_iter_builtin(obj: Any) -> Any:
+    """``iter(x)`` (the one-argument form; ``iter(f, sentinel)`` could loop forever in C)."""
+    return guarded_iter(obj)
+
+
 def safe_builtins() -> dict[str, Any]:
     table = {name: getattr(builtins, name) for name in _SAFE_BUILTIN_NAMES}
     table.update(
         {
+            "iter": guarded_iter_builtin,
+            "range": guarded_range,
             "getattr": guarded_getattr,
             "hasattr": guarded_hasattr,
             "setattr": guarded_setattr,
@@ -644,6 +807,7 @@ def guard_names(logs: list[str], tick: Callable[[], None]) -> dict[str, Any]:
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
         "_unpack_sequence_": guarded_unpack_sequence,
         "_inplacevar_": inplace_var,
+        "_binop_": binop,
         "_apply_": apply_call,
         "_print_": PrintCollector(logs),
         "_tick_": tick,

@@ -21,9 +21,11 @@ is measured where it can be (CUDA allocated bytes; the process's peak RSS).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import math
 import resource
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -75,12 +77,10 @@ def nbytes(value: Any, seen: set[int] | None = None) -> int:
     if hasattr(value, "nbytes") and isinstance(getattr(value, "nbytes", None), int):
         return value.nbytes
     if isinstance(value, (list, tuple, set, frozenset)):
-        return sum(nbytes(item, seen) for item in value)
+        return sys.getsizeof(value) + sum(nbytes(item, seen) for item in value)
     if isinstance(value, dict):
-        return sum(nbytes(item, seen) for item in value.values())
-    if isinstance(value, (str, bytes)):
-        return len(value)
-    return 0
+        return sys.getsizeof(value) + sum(nbytes(k, seen) + nbytes(v, seen) for k, v in value.items())
+    return sys.getsizeof(value)
 
 
 class LimitedSaves(SaveScope):
@@ -141,6 +141,19 @@ _MEMORY_ESCAPES = {
 
 _HOOKS = {torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook, torch.Tensor.retain_grad}
 
+#: Operations that make views or read metadata: they allocate nothing.
+_VIEWS = {
+    torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.broadcast_to, torch.broadcast_to, torch.Tensor.view,
+    torch.Tensor.view_as, torch.Tensor.narrow, torch.narrow, torch.Tensor.select, torch.select,
+    torch.Tensor.__getitem__, torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose,
+    torch.Tensor.permute, torch.permute, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.unsqueeze,
+    torch.unsqueeze, torch.Tensor.unflatten, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+    torch.Tensor.unbind, torch.unbind, torch.Tensor.movedim, torch.movedim, torch.Tensor.diagonal,
+    torch.Tensor.detach, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride,
+    torch.Tensor.is_contiguous, torch.Tensor.element_size, torch.Tensor.__len__, torch.Tensor.__repr__,
+    torch.Tensor.__format__, torch.Tensor.__bool__, torch.Tensor.item,
+}  # fmt: skip
+
 
 def _meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
@@ -165,7 +178,7 @@ def _tensors(values: Iterable[Any]) -> list[torch.Tensor]:
 class SandboxMode(TorchFunctionMode):
     """The torch-level guard of one job's code (see the module docstring)."""
 
-    def __init__(self, protected: frozenset[int], max_bytes: int) -> None:
+    def __init__(self, protected: Protected, max_bytes: int) -> None:
         super().__init__()
         self.protected = protected
         self.max_bytes = max_bytes
@@ -175,16 +188,28 @@ class SandboxMode(TorchFunctionMode):
         if func in _MEMORY_ESCAPES:
             raise SandboxViolation(f"{_name(func)} is not available in a remote trace (it reaches raw memory)")
         name = _name(func)
-        inplace = name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDERS or "out" in kwargs
+        inplace = (
+            (name.endswith("_") and not name.endswith("__"))
+            or name in _INPLACE_DUNDERS
+            or name == "__set__"  # a property setter: .data, .grad, .requires_grad = ...
+            or "out" in kwargs
+            or kwargs.get("inplace") is True
+        )
         if inplace or func in _HOOKS:
             target = kwargs.get("out", args[0] if args else None)
             for tensor in _tensors([target]):
-                if self._is_protected(tensor):
+                if self.is_protected(tensor):
                     what = "register hooks on" if func in _HOOKS else "modify"
                     raise SandboxViolation(
                         f"cannot {what} the model's weights in a remote trace ({name} on a parameter or buffer); "
                         "edit activations instead, or work on a copy (w.clone())"
                     )
+        if func not in _VIEWS:
+            # An operation materializes at least its largest input: an expanded view
+            # (broadcast_to, expand) can be far larger than the memory behind it.
+            largest = max((t.numel() * t.element_size() for t in _tensors(args)), default=0)
+            if largest > self.max_bytes:
+                self._check(name, largest)
         if func in _BROADCASTING:
             shapes = [t.shape for t in _tensors(args)]
             if len(shapes) > 1:
@@ -198,13 +223,8 @@ class SandboxMode(TorchFunctionMode):
             self._check_meta(func, name, args, kwargs)
         return func(*args, **kwargs)
 
-    def _is_protected(self, tensor: torch.Tensor) -> bool:
-        if not self.protected or tensor.device.type == "meta":
-            return False
-        try:
-            return tensor.untyped_storage().data_ptr() in self.protected
-        except (RuntimeError, NotImplementedError):
-            return False
+    def is_protected(self, tensor: torch.Tensor) -> bool:
+        return bool(self.protected) and tensor.device.type != "meta" and tensor in self.protected
 
     def _check(self, name: str, size: int) -> None:
         if size > self.max_bytes:
@@ -244,16 +264,44 @@ def _name(func: Any) -> str:
     return name or repr(func)
 
 
-def protected_storages(module: torch.nn.Module) -> frozenset[int]:
-    """Storage addresses of a model's parameters and buffers (what jobs may not modify)."""
-    found = set()
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.device.type != "meta":
+class Protected:
+    """The memory of a model's parameters and buffers, as address ranges per device.
+
+    A tensor is protected if its storage overlaps any of them: views, ``.data``,
+    ``.detach()`` and DLPack round trips of a weight all are, wherever they start.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "meta":
+                continue
             try:
-                found.add(tensor.untyped_storage().data_ptr())
+                storage = tensor.untyped_storage()
+                start = storage.data_ptr()
+                ranges.setdefault(str(tensor.device), []).append((start, start + max(storage.nbytes(), 1)))
             except (RuntimeError, NotImplementedError):
                 continue
-    return frozenset(found)
+        self.ranges = {device: sorted(spans) for device, spans in ranges.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        spans = self.ranges.get(str(tensor.device))
+        if not spans:
+            return False
+        try:
+            with torch._C.DisableTorchFunction():  # the guard's own look, not the job's
+                storage = tensor.untyped_storage()
+            start = storage.data_ptr()
+            end = start + max(storage.nbytes(), 1)
+        except (RuntimeError, NotImplementedError):
+            return False
+        index = bisect.bisect_right(spans, (start, float("inf"))) - 1
+        # Allocations never overlap, so only the span starting at or before this storage,
+        # and the next one, can.
+        return any(low < end and start < high for low, high in spans[max(index, 0) : index + 2])
 
 
 # -- jobs and the watchdog ------------------------------------------------------------------------
@@ -265,10 +313,22 @@ _set_async_exc.restype = ctypes.c_int
 # breaker set, and a thread with a trace function then hangs (see `Watchdog.release`).
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (not its peak, which only ever grows)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_PAGE = resource.getpagesize()
+
+
 class Job:
     """One request's limits and running state."""
 
-    def __init__(self, limits: JobLimits, protected: frozenset[int], device: torch.device | None) -> None:
+    def __init__(self, limits: JobLimits, protected: Protected, device: torch.device | None) -> None:
         self.limits = limits
         self.mode = SandboxMode(protected, limits.max_allocation_bytes)
         self.deadline = time.monotonic() + limits.time_s
@@ -284,7 +344,7 @@ class Job:
     def _memory(self) -> int:
         if self.cuda is not None:
             return torch.cuda.memory_allocated(self.cuda)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return resident_bytes()
 
     def tick(self) -> None:
         """``_tick_``: called at every loop iteration and function call of the body."""

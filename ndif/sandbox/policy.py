@@ -70,6 +70,12 @@ class SandboxSyntaxError(TraceSyntaxError):
         super().__init__(f"this code is not allowed in a remote trace: {'; '.join(problems)}")
 
 
+#: The guard of ``a * b``, ``a ** b`` and ``a << b``: the operators that can build a huge
+#: string, list or integer inside one C call, which no time limit can interrupt.
+BINOP = "_binop_"
+_GUARDED_OPERATORS = {ast.Mult: "*", ast.Pow: "**", ast.LShift: "<<"}
+
+
 def _tick(node: ast.AST) -> ast.stmt:
     call = ast.Expr(value=ast.Call(func=ast.Name(id=TICK, ctx=ast.Load()), args=[], keywords=[]))
     return ast.copy_location(call, node)
@@ -105,12 +111,32 @@ class SandboxTransformer(RestrictingNodeTransformer):
             return node
         return super().visit_AugAssign(node)
 
-    def _ticked(self, node: ast.AST) -> ast.AST:
+    def _ticked(self, node: ast.AST, at_body: bool = False) -> ast.AST:
         position = 0
         while position < len(node.body) and isinstance(node.body[position], (ast.Global, ast.Nonlocal)):
             position += 1
-        node.body.insert(position, _tick(node))
+        # A loop's check points at the loop; a function's at its first statement, so a
+        # RecursionError the check raises points at the body rather than at the `def`.
+        anchor = node.body[position] if at_body and position < len(node.body) else node
+        node.body.insert(position, _tick(anchor))
         return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        node = self.node_contents_visit(node)
+        symbol = _GUARDED_OPERATORS.get(type(node.op))
+        if symbol is None:
+            return node
+        call = ast.Call(
+            func=ast.Name(id=BINOP, ctx=ast.Load()), args=[ast.Constant(symbol), node.left, node.right], keywords=[]
+        )
+        return ast.copy_location(call, node)
+
+    def visit_Yield(self, node: ast.Yield) -> ast.AST:
+        # A generator's `finally` could run after its job, when its guards are gone.
+        self.error(node, "yield (generator functions) is not allowed in a remote trace")
+        return node
+
+    visit_YieldFrom = visit_Yield
 
     def visit_For(self, node: ast.For) -> ast.AST:
         return self._ticked(super().visit_For(node))
@@ -119,7 +145,7 @@ class SandboxTransformer(RestrictingNodeTransformer):
         return self._ticked(super().visit_While(node))
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        return self._ticked(super().visit_FunctionDef(node))
+        return self._ticked(super().visit_FunctionDef(node), at_body=True)
 
 
 def compile_restricted_body(statements: list[ast.stmt], filename: str, name: str = "<trace>") -> CodeType:

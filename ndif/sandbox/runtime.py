@@ -29,7 +29,7 @@ from ..tracing.errors import NDIFError
 from ..wire.schema import ErrorInfo, Frame, Request, Result, Timings
 from ..wire.values import ClassSpec, Encoder, FunctionSpec, ModuleSpec, Placeholder
 from .guards import SANDBOX_FILE_PREFIX, guard_names, resolve_library_path
-from .limits import Job, JobLimits, SandboxMode, TimeLimitExceeded, Watchdog, protected_storages
+from .limits import Job, JobLimits, Protected, SandboxMode, TimeLimitExceeded, Watchdog
 from .policy import SandboxSyntaxError, compile_restricted_body, compile_restricted_source
 
 _job_numbers = itertools.count(1)
@@ -221,7 +221,7 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
     model._ready(request.kind)
     device = _model_device(model)
     job = Job(limits or JobLimits(), _protected(model), device)
-    grad_mode = torch.is_grad_enabled()
+    state = TorchState.now()
     depth = len(_get_current_function_mode_stack())
     watchdog = Watchdog.get()
     watchdog.watch(job)
@@ -258,7 +258,7 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
         for token in reversed(tokens):
             token.var.reset(token)
         _restore_modes(depth)
-        torch.set_grad_enabled(grad_mode)
+        state.restore()
         _clear_model_grads(model)
         for filename in sources.files:
             forget_source(filename)
@@ -267,13 +267,34 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
     return result
 
 
-def _protected(model: Any) -> frozenset[int]:
-    cached = model.__dict__.get("_protected_storages")
-    module = model._module
-    if cached is None or cached[0] is not module:
-        cached = (module, protected_storages(module))
-        object.__setattr__(model, "_protected_storages", cached)
-    return cached[1]
+def _protected(model: Any) -> Protected:
+    # Recomputed per job (cheap), so nothing can make a stale copy of it.
+    return Protected(model._module)
+
+
+@dataclass
+class TorchState:
+    """Process-wide torch settings a job must leave as it found them."""
+
+    grad: bool
+    dtype: torch.dtype
+    autocast_cpu: bool
+    deterministic: bool
+
+    @classmethod
+    def now(cls) -> TorchState:
+        return cls(
+            torch.is_grad_enabled(),
+            torch.get_default_dtype(),
+            torch.is_autocast_enabled("cpu"),
+            torch.are_deterministic_algorithms_enabled(),
+        )
+
+    def restore(self) -> None:
+        torch.set_grad_enabled(self.grad)
+        torch.set_default_dtype(self.dtype)
+        torch.set_autocast_enabled("cpu", self.autocast_cpu)
+        torch.use_deterministic_algorithms(self.deterministic)
 
 
 def _restore_modes(depth: int) -> None:

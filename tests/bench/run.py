@@ -17,6 +17,9 @@ total ratio on the other, and a paired ratio (median over repetitions of ndif/
 nnsight timed back to back). The cost per accessed module is
 ``(t_k - t_trivial) / k``, with the trivial trace timed in the same rotation.
 
+A last section (`tests.bench.wire`) measures the wire format of ``remote=``: encoded
+sizes and encode/decode times of typical requests and results.
+
 This is a benchmark, not a test: nothing asserts on timings. It does check once,
 before timing, that ndif and nnsight save equal values (both wrap identical
 weights), so the two are known to do equal work.
@@ -47,6 +50,7 @@ import torch  # noqa: E402
 
 from . import cases as bench_cases  # noqa: E402
 from . import engine as bench_engine  # noqa: E402
+from . import wire as bench_wire  # noqa: E402
 from .cases import Case, Inputs  # noqa: E402
 from .timing import Timing, measure, paired_difference, paired_ratio  # noqa: E402
 
@@ -533,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
             if not engine_losses
             else f"engine cost per access NOT below nnsight at k = {', '.join(engine_losses)}"
         )
+
+        wire_rows = bench_wire.run(nd, vocab, hf.config.hidden_size, pad_id, quick=args.quick)
+        bench_wire.print_section(wire_rows)
         elapsed = time.perf_counter() - began
         print(f"({elapsed:.0f} s)")
 
@@ -560,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"ndif_not_below_nnsight_{other}": other_losses,
                 "per_module_not_below_nnsight": module_losses,
                 "engine_per_access": engine_rows,
+                "wire": wire_rows,
             }
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
