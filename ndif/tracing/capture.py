@@ -73,6 +73,7 @@ COMPILER: ContextVar[Callable[[list[ast.stmt], str, str], CodeType]] = ContextVa
 
 _lock = threading.Lock()
 _SOURCES: dict[str, list[str]] = {}
+_TREES: dict[str, ast.Module] = {}
 _WITH_NODES: dict[str, list[ast.With]] = {}
 _BLOCKS: dict[tuple, Block] = {}
 
@@ -111,23 +112,34 @@ def forget_source(filename: str) -> None:
 
 def _forget(filename: str) -> None:
     _SOURCES.pop(filename, None)
+    _TREES.pop(filename, None)
     _WITH_NODES.pop(filename, None)
     for key in [key for key in _BLOCKS if key[0] == filename]:
         del _BLOCKS[key]
 
 
+def parsed(filename: str) -> ast.Module | None:
+    """The parsed source of ``filename`` (cached like its lines), or None if unreadable."""
+    tree = _TREES.get(filename)
+    if tree is None:
+        lines = source_lines(filename)
+        if not lines:
+            return None
+        tree = _TREES[filename] = ast.parse("".join(lines), filename)
+    return tree
+
+
 def _with_nodes(filename: str) -> list[ast.With]:
     nodes = _WITH_NODES.get(filename)
     if nodes is None:
-        lines = source_lines(filename)
-        if not lines:
+        tree = parsed(filename)
+        if tree is None:
             raise TraceSyntaxError(
                 f"ndif cannot read the source of {filename}, so it cannot capture the body of "
                 "the `with` block. A trace must be written in a file, a notebook cell or "
                 "`python -c`; piped stdin and exec'd strings have no readable source "
                 "(register one with ndif.tracing.capture.register_source)."
             )
-        tree = ast.parse("".join(lines), filename)
         nodes = [n for n in ast.walk(tree) if isinstance(n, ast.With)]
         _WITH_NODES[filename] = nodes
     return nodes

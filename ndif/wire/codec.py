@@ -38,10 +38,14 @@ def _unpack(data: bytes, kind: type, limits: SizeLimits) -> Any:
         )
     if bytes(data[:4]) != MAGIC:
         raise WireError("malformed message: not an ndif message (bad magic)")
+    payload = bytes(data[4:])
     try:
-        # Read at most one byte past the limit, whatever size the frame header declares.
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data[4:])), read_across_frames=False)
-        raw = reader.read(limits.max_uncompressed + 1)
+        declared = zstandard.frame_content_size(payload)
+        if 0 <= declared <= limits.max_uncompressed:  # the common case: one call, sized up front
+            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=limits.max_uncompressed)
+        else:  # unknown or too large: read at most one byte past the limit
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload), read_across_frames=False)
+            raw = reader.read(limits.max_uncompressed + 1)
     except zstandard.ZstdError as error:
         raise WireError(f"malformed message: {error}") from None
     if len(raw) > limits.max_uncompressed:

@@ -516,13 +516,49 @@ def _function_source(function: types.FunctionType, where: str) -> tuple[str, boo
             raise WireError(f"cannot send {where}: its line holds {len(lambdas)} lambdas; write it as a def")
         text = textwrap.dedent("".join(lines[first - 1 : first - 1 + end]))
         return ast.get_source_segment(text, lambdas[0]) or "", True
+    node = _definition(code.co_filename, ast.FunctionDef, function.__name__, lambda n: _first_line(n) == first)
+    if node is not None:
+        return _node_source(lines, node), False
     block = inspect.getblock(lines[first - 1 :])
     return textwrap.dedent("".join(block)), False
 
 
+def _first_line(node: ast.AST) -> int:
+    """A definition's first line: its first decorator's, as the code object counts it."""
+    return min([decorator.lineno for decorator in getattr(node, "decorator_list", [])] + [node.lineno])
+
+
+def _node_source(lines: list[str], node: ast.AST) -> str:
+    return textwrap.dedent("".join(lines[_first_line(node) - 1 : node.end_lineno]))
+
+
+def _definition(filename: str, kind: type, name: str, matches: Callable[[ast.AST], bool]) -> ast.AST | None:
+    """The one definition of ``kind`` called ``name`` in ``filename`` that ``matches``."""
+    from ..tracing.capture import parsed
+
+    tree = parsed(filename)
+    if tree is None:
+        return None
+    found = [node for node in ast.walk(tree) if isinstance(node, kind) and node.name == name and matches(node)]
+    return found[0] if len(found) == 1 else None
+
+
 def _class_source(cls: type) -> tuple[str, int]:
-    source_lines, line = inspect.getsourcelines(cls)
-    return textwrap.dedent("".join(source_lines)), line
+    """A class's source, from the parsed file (cached) rather than re-reading it each time."""
+    methods = [v.__code__ for v in vars(cls).values() if isinstance(v, types.FunctionType)]
+    filename = methods[0].co_filename if methods else getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if filename:
+
+        def holds_methods(node: ast.AST) -> bool:
+            return all(node.lineno <= code.co_firstlineno <= node.end_lineno for code in methods)
+
+        node = _definition(filename, ast.ClassDef, cls.__name__, holds_methods)
+        if node is not None:
+            from ..tracing.capture import source_lines
+
+            return _node_source(source_lines(filename), node), _first_line(node)
+    lines, line = inspect.getsourcelines(cls)
+    return textwrap.dedent("".join(lines)), line
 
 
 # -- decoding ----------------------------------------------------------------------------
