@@ -17,6 +17,7 @@ import ast
 import builtins
 import linecache
 import platform
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -127,8 +128,12 @@ def local_backend(model: NNsight, limits: Any = None) -> Backend:
     from .sandbox.runtime import run_request
 
     def run(data: bytes) -> bytes:
+        started = time.perf_counter()
         request = codec.decode_request(data)
-        return codec.encode_result(run_request(model, request, limits))
+        decoded = time.perf_counter() - started
+        result = run_request(model, request, limits)
+        result.timings.decode = decoded
+        return codec.encode_result(result)
 
     return run
 

@@ -26,7 +26,7 @@ from ..engine.context import GUARD, SAVES
 from ..tracer import Session, Trace
 from ..tracing.capture import COMPILER, forget_source, register_source
 from ..tracing.errors import NDIFError
-from ..wire.schema import ErrorInfo, Frame, Request, Result, Timings
+from ..wire.schema import ErrorInfo, Frame, Request, Result
 from ..wire.values import ClassSpec, Encoder, FunctionSpec, ModuleSpec, Placeholder
 from .guards import SANDBOX_FILE_PREFIX, guard_names, resolve_library_path
 from .limits import Job, JobLimits, Protected, SandboxMode, TimeLimitExceeded, Watchdog
@@ -247,7 +247,9 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
             raise TimeLimitExceeded(f"the job ran longer than its limit of {job.limits.time_s:g} s")
         saved = job.saves.select(held)
         encoder = Encoder(allow_code=False)
+        encoding = time.perf_counter()
         result.saved = {name: encoder.encode(value, f"the saved value {name!r}") for name, value in saved.items()}
+        result.timings.encode = time.perf_counter() - encoding
     except BaseException as error:  # every failure ends in a Result, never in the worker
         if job.expired and not isinstance(error, NDIFError):
             error = TimeLimitExceeded(f"the job ran longer than its limit of {job.limits.time_s:g} s")
@@ -263,7 +265,7 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
         for filename in sources.files:
             forget_source(filename)
     result.logs = logs
-    result.timings = Timings(run=time.perf_counter() - started)
+    result.timings.run = time.perf_counter() - started - result.timings.encode
     return result
 
 
