@@ -532,6 +532,9 @@ def _node_source(lines: list[str], node: ast.AST) -> str:
     return textwrap.dedent("".join(lines[_first_line(node) - 1 : node.end_lineno]))
 
 
+_DEFINITIONS: dict[str, tuple[ast.Module, dict[tuple[type, str], list[ast.AST]]]] = {}
+
+
 def _definition(filename: str, kind: type, name: str, matches: Callable[[ast.AST], bool]) -> ast.AST | None:
     """The one definition of ``kind`` called ``name`` in ``filename`` that ``matches``."""
     from ..tracing.capture import parsed
@@ -539,7 +542,14 @@ def _definition(filename: str, kind: type, name: str, matches: Callable[[ast.AST
     tree = parsed(filename)
     if tree is None:
         return None
-    found = [node for node in ast.walk(tree) if isinstance(node, kind) and node.name == name and matches(node)]
+    cached = _DEFINITIONS.get(filename)
+    if cached is None or cached[0] is not tree:  # index the file's definitions once per parse
+        index: dict[tuple[type, str], list[ast.AST]] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                index.setdefault((type(node), node.name), []).append(node)
+        cached = _DEFINITIONS[filename] = (tree, index)
+    found = [node for node in cached[1].get((kind, name), []) if matches(node)]
     return found[0] if len(found) == 1 else None
 
 

@@ -299,11 +299,17 @@ def _compress(raw: bytes) -> bytes:
 
 
 def _decompress(data: bytes) -> bytes:
-    """As ``ndif.wire.codec._unpack`` decompresses: a stream read bounded by the size limit."""
+    """As ``ndif.wire.codec._unpack`` decompresses: in one call when the frame declares a size
+    within the limit, else a stream read bounded by it."""
     from ndif.wire.codec import SizeLimits
 
-    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data[4:])), read_across_frames=False)
-    return reader.read(SizeLimits().max_uncompressed + 1)
+    limit = SizeLimits().max_uncompressed
+    payload = bytes(data[4:])
+    declared = zstandard.frame_content_size(payload)
+    if 0 <= declared <= limit:
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload), read_across_frames=False)
+    return reader.read(limit + 1)
 
 
 def _decode_values(message: Any) -> Any:
