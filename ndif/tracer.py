@@ -14,6 +14,7 @@ ndif instead of in place. What "run" means differs:
 
 from __future__ import annotations
 
+import abc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def _exec(code: Any, scope: Scope) -> Callable[[], Any]:
     return lambda: exec(code, scope)
 
 
-class BlockTracer:
+class BlockTracer(abc.ABC):
     """A ``with`` block that ndif captures and runs itself."""
 
     _frame: FrameType | None = None
@@ -86,8 +87,9 @@ class BlockTracer:
             del frame
         return True
 
+    @abc.abstractmethod
     def _execute(self, frame: FrameType) -> None:
-        raise NotImplementedError
+        """Run (or register, or store) the captured block for ``frame``, its caller."""
 
 
 class ScopedTracer(BlockTracer):
@@ -128,7 +130,20 @@ class ScopedTracer(BlockTracer):
                 SAVES.reset(token)
 
     def _run(self, frame: FrameType) -> dict[str, Any]:
-        raise NotImplementedError
+        assert self._block is not None
+        return self.run_body(self._block.code, frame_locals(frame), frame.f_globals)
+
+    @abc.abstractmethod
+    def run_body(
+        self,
+        code: Any,
+        snapshot: dict,
+        glbls: dict,
+        builtins: dict | None = None,
+        hidden: frozenset[str] = frozenset(),
+        bound_only: bool = True,
+    ) -> dict[str, Any]:
+        """Run compiled body code; returns the names it bound (all it holds, if not ``bound_only``)."""
 
 
 class Trace(ScopedTracer):
@@ -150,10 +165,6 @@ class Trace(ScopedTracer):
 
     def _remote_parts(self) -> tuple[tuple, dict, Any]:
         return self.inputs, self.kwargs, self
-
-    def _run(self, frame: FrameType) -> dict[str, Any]:
-        assert self._block is not None
-        return self.run_body(self._block.code, frame_locals(frame), frame.f_globals)
 
     def run_body(
         self,
@@ -299,10 +310,6 @@ class Session(ScopedTracer):
     def __init__(self, model: Any = None, remote: Any = None) -> None:
         self.model = model
         self.remote = remote
-
-    def _run(self, frame: FrameType) -> dict[str, Any]:
-        assert self._block is not None
-        return self.run_body(self._block.code, frame_locals(frame), frame.f_globals)
 
     def run_body(
         self,

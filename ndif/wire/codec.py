@@ -65,7 +65,7 @@ def _unpack(data: bytes, kind: type, limits: SizeLimits) -> Any:
 
 
 def encode_request(request: Request, level: int = 3) -> bytes:
-    """Bytes of a request whose value fields hold wire trees (see `ndif.wire.client`)."""
+    """Bytes of a request whose value fields hold wire trees (see `ndif.remote.build_request`)."""
     return _pack(request, level)
 
 
