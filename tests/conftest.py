@@ -48,6 +48,21 @@ def llama(tiny_llama_path) -> ndif.LanguageModel:
     return ndif.LanguageModel(tiny_llama_path, dispatch=True)
 
 
+@pytest.fixture
+def grad_llama(llama):
+    """The shared ``llama``, with parameter gradients cleared before and after the test."""
+
+    def clear():
+        for parameter in llama.parameters():
+            parameter.grad = None
+
+    clear()
+    try:
+        yield llama
+    finally:
+        clear()
+
+
 @pytest.fixture(scope="session")
 def gpt2(tiny_gpt2_path) -> ndif.LanguageModel:
     return ndif.LanguageModel(tiny_gpt2_path, dispatch=True)

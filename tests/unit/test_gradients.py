@@ -22,21 +22,6 @@ OTHER = "One two"
 TOKEN = 7  # the logit a "specific logit" loss is taken from
 
 
-@pytest.fixture
-def grad_llama(llama):
-    """The shared ``llama``, with parameter gradients cleared before and after the test."""
-
-    def clear():
-        for parameter in llama.parameters():
-            parameter.grad = None
-
-    clear()
-    try:
-        yield llama
-    finally:
-        clear()
-
-
 @functools.cache
 def _tokenizer(path: str):
     """The checkpoint's tokenizer, loaded plainly (left padding, as ndif batches)."""

@@ -130,21 +130,6 @@ def arch(request: pytest.FixtureRequest) -> tuple[ndif.LanguageModel, dict[str, 
     return request.getfixturevalue(request.param), ARCHS[request.param]
 
 
-@pytest.fixture
-def grad_llama(llama):
-    """The shared ``llama``, with parameter gradients cleared before and after the test."""
-
-    def clear():
-        for parameter in llama.parameters():
-            parameter.grad = None
-
-    clear()
-    try:
-        yield llama
-    finally:
-        clear()
-
-
 # -- saves -------------------------------------------------------------------------------------
 
 
