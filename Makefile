@@ -14,11 +14,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test demo bench lint format clean
 
-$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml scheduler/pyproject.toml workers/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]" -e ./sdk
+	$(PY) -m pip install -q -e ".[dev]" -e ./sdk -e ./scheduler -e ./workers
 	touch $@
 
 install: $(VENV)/.installed

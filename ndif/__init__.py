@@ -30,6 +30,20 @@ from .tracing.errors import (
 install_tensor_save()
 del _engine
 
+_CLIENT_NAMES = {"jobs": "jobs", "Batch": "Batch"}
+
+
+def __getattr__(name: str) -> object:
+    """``ndif.jobs`` and ``ndif.Batch`` come from the client package, ``ndif_sdk``, when installed."""
+    if name in _CLIENT_NAMES:
+        try:
+            import ndif_sdk
+        except ImportError:
+            raise AttributeError(f"ndif.{name} needs the ndif client: pip install ndif-sdk") from None
+        return getattr(ndif_sdk, _CLIENT_NAMES[name])
+    raise AttributeError(f"module 'ndif' has no attribute {name!r}")
+
+
 __all__ = [
     "BarrierError",
     "CacheView",

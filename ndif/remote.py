@@ -20,7 +20,7 @@ import platform
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ._version import __version__
 from .envoy import Envoy
@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 
 #: A backend takes an encoded request and returns an encoded result.
 Backend = Callable[[bytes], bytes]
+
+
+@runtime_checkable
+class Target(Protocol):
+    """Where ``remote=`` sends a block when it is more than a function of bytes: the
+    service (``remote=True``) or a batch being built. ``submit`` returns the saved
+    values to bind in the caller's scope, or None when there is nothing to bind yet
+    (the block was queued); it may leave a job handle on ``owner.job``."""
+
+    def submit(self, data: bytes, request: Request, owner: Any) -> dict[str, Any] | None: ...
 
 
 class RemoteError(NDIFError):
@@ -138,14 +148,23 @@ def local_backend(model: NNsight, limits: Any = None) -> Backend:
     return run
 
 
-def backend_for(model: NNsight, remote: Any) -> Backend:
+def backend_for(model: NNsight, remote: Any) -> Backend | Target:
+    """What ``remote=`` names: the service (True), local simulation ("local"), a batch, or a backend."""
+    if remote is True:
+        try:
+            from ndif_sdk.backend import RemoteBackend
+        except ImportError:
+            raise ImportError(
+                "remote=True needs the ndif client (pip install ndif-sdk); remote='local' simulates the service here"
+            ) from None
+        return RemoteBackend()
     if remote == "local":
         return local_backend(model)
-    if callable(remote):
+    if isinstance(remote, Target) or callable(remote):
         return remote
     raise ValueError(
-        f"remote={remote!r} is not supported: pass remote='local' to run the trace through the wire format "
-        "and the sandbox in this process, or a backend"
+        f"remote={remote!r} is not supported: pass remote=True to run on the ndif service, remote='local' to "
+        "run the trace through the wire format and the sandbox in this process, a batch, or a backend"
     )
 
 
@@ -158,11 +177,16 @@ def run_remote(
     inputs: tuple,
     kwargs: dict,
     tracer: Any = None,
-) -> dict[str, Any]:
-    """Send a captured block to a backend; returns its saved values (or raises its error)."""
+    owner: Any = None,
+) -> dict[str, Any] | None:
+    """Send a captured block to a backend; returns its saved values (or raises its error),
+    or None when the block was only submitted (``owner`` is the block's tracer)."""
     request = build_request(model, kind, block, frame, inputs, kwargs, tracer)
-    reply = backend_for(model, remote)(codec.encode_request(request))
-    result = codec.decode_result(reply)
+    data = codec.encode_request(request)
+    backend = backend_for(model, remote)
+    if isinstance(backend, Target):
+        return backend.submit(data, request, owner)
+    result = codec.decode_result(backend(data))
     return apply_result(result)
 
 

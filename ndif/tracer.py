@@ -100,6 +100,8 @@ class ScopedTracer(BlockTracer):
     """
 
     remote: Any = None
+    blocking: bool = True
+    job: Any = None  # the service's job handle, after a ``remote=True`` block
     model: Any = None
     kind = "trace"
 
@@ -108,14 +110,14 @@ class ScopedTracer(BlockTracer):
         return (), {}, None
 
     def _execute(self, frame: FrameType) -> None:
-        if self.remote:
+        if self.remote is not None and self.remote is not False:
             from .remote import run_remote
 
             assert self._block is not None
             inputs, kwargs, tracer = self._remote_parts()
-            write_back(
-                frame, run_remote(self.model, self.remote, self.kind, self._block, frame, inputs, kwargs, tracer)
-            )
+            saved = run_remote(self.model, self.remote, self.kind, self._block, frame, inputs, kwargs, tracer, self)
+            if saved is not None:  # None: submitted without waiting (blocking=False, or into a batch)
+                write_back(frame, saved)
             return
         outermost = SAVES.get() is None
         saves = SaveScope() if outermost else None
@@ -154,12 +156,15 @@ class Trace(ScopedTracer):
     ``tracer.stop()`` and ``tracer.result``.
     """
 
-    def __init__(self, model: NNsight, kind: str, inputs: tuple, kwargs: dict, remote: Any = None) -> None:
+    def __init__(
+        self, model: NNsight, kind: str, inputs: tuple, kwargs: dict, remote: Any = None, blocking: bool = True
+    ) -> None:
         self.model = model
         self.kind = kind
         self.inputs = inputs
         self.kwargs = kwargs
         self.remote = remote
+        self.blocking = blocking
         self._invokes: list[InvokeSpec] | None = None
         self._shared: dict | None = None
 
@@ -307,9 +312,10 @@ class Session(ScopedTracer):
 
     kind = "session"
 
-    def __init__(self, model: Any = None, remote: Any = None) -> None:
+    def __init__(self, model: Any = None, remote: Any = None, blocking: bool = True) -> None:
         self.model = model
         self.remote = remote
+        self.blocking = blocking
 
     def run_body(
         self,

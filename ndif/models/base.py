@@ -44,27 +44,30 @@ class NNsight(Envoy):
 
     # -- opening blocks ---------------------------------------------------------------
 
-    def trace(self, *inputs: Any, trace: bool = True, remote: Any = None, **kwargs: Any) -> Any:
+    def trace(self, *inputs: Any, trace: bool = True, remote: Any = None, blocking: bool = True, **kwargs: Any) -> Any:
         """Open a trace of one forward pass over ``inputs`` (or over its invokes).
 
         ``trace=False`` skips the block and returns the output directly.
+        ``remote=True`` runs the block on the ndif service (``ndif_sdk``; settings from
+        ``NDIF_API_URL``/``NDIF_API_KEY``); with ``blocking=False`` it returns at once and
+        ``tracer.job`` follows the job. ``remote=batch`` adds it to a `ndif_sdk.Batch`.
         ``remote="local"`` runs the block through the wire format and the sandbox in
         this process, as a server would (local simulation).
         """
         if not trace:
             return self._call_untraced("trace", inputs, kwargs)
-        return Trace(self, "trace", inputs, kwargs, remote=remote)
+        return Trace(self, "trace", inputs, kwargs, remote=remote, blocking=blocking)
 
-    def scan(self, *inputs: Any, remote: Any = None, **kwargs: Any) -> Trace:
+    def scan(self, *inputs: Any, remote: Any = None, blocking: bool = True, **kwargs: Any) -> Trace:
         """Like `trace`, on fake tensors: shapes and dtypes only, no real compute."""
-        return Trace(self, "scan", inputs, kwargs, remote=remote)
+        return Trace(self, "scan", inputs, kwargs, remote=remote, blocking=blocking)
 
-    def session(self, remote: Any = None) -> Session:
+    def session(self, remote: Any = None, blocking: bool = True) -> Session:
         """Open a session: several traces that pass values to each other without ``.save()``.
 
         With ``remote`` set, the whole session is one request.
         """
-        return Session(self, remote=remote)
+        return Session(self, remote=remote, blocking=blocking)
 
     def _model_key(self) -> str:
         """How a server names this model (the request's ``model`` field)."""

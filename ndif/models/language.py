@@ -95,13 +95,13 @@ class LanguageModel(NNsight):
             self._repoint(loaded)
             self._dispatched = True
 
-    def generate(self, *inputs: Any, remote: Any = None, **kwargs: Any) -> Trace:
+    def generate(self, *inputs: Any, remote: Any = None, blocking: bool = True, **kwargs: Any) -> Trace:
         """Open a trace over ``model.generate``: each step is one forward pass.
 
         Use ``tracer.iter[...]``/``tracer.all()`` to reach later steps and
         ``tracer.result`` for the generated token ids.
         """
-        return Trace(self, "generate", inputs, kwargs, remote=remote)
+        return Trace(self, "generate", inputs, kwargs, remote=remote, blocking=blocking)
 
     def _model_key(self) -> str:
         return self._source or getattr(self._module, "name_or_path", "") or type(self._module).__name__

@@ -56,6 +56,31 @@ class SaveLimitExceeded(LimitExceeded):
     """The job saved more bytes than allowed."""
 
 
+class JobCancelled(NDIFError):
+    """The job was cancelled while it ran (by its owner, or by the service)."""
+
+
+class CancelToken:
+    """Cancels a running job from another thread: `cancel` stops it at its next check.
+
+    A job stuck in one long operation is interrupted by the watchdog, as at its deadline.
+    """
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.job: Job | None = None
+
+    def attach(self, job: Job) -> None:
+        self.job = job
+        if self.cancelled:
+            job.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.job is not None:
+            self.job.cancel()
+
+
 @dataclass
 class JobLimits:
     """Limits of one job (server configuration; see ``docs/sandbox.md``)."""
@@ -340,14 +365,22 @@ class Job:
         self.saves = LimitedSaves(limits.max_saved_bytes)
         self.interrupted = False  # the watchdog raised into this job's thread
         self.released = False
+        self.cancelled = False
 
     def _memory(self) -> int:
         if self.cuda is not None:
             return torch.cuda.memory_allocated(self.cuda)
         return resident_bytes()
 
+    def cancel(self) -> None:
+        """Stop the job: its next check raises `JobCancelled`; the watchdog interrupts it if busy."""
+        self.cancelled = True
+        self.deadline = -math.inf
+
     def tick(self) -> None:
         """``_tick_``: called at every loop iteration and function call of the body."""
+        if self.cancelled:
+            raise JobCancelled("the job was cancelled")
         if self.expired or time.monotonic() > self.deadline:
             self.expired = True
             raise TimeLimitExceeded(f"the job ran longer than its limit of {self.limits.time_s:g} s")

@@ -29,7 +29,7 @@ from ..tracing.errors import NDIFError
 from ..wire.schema import ErrorInfo, Frame, Request, Result
 from ..wire.values import ClassSpec, Encoder, FunctionSpec, ModuleSpec, Placeholder
 from .guards import SANDBOX_FILE_PREFIX, guard_names, resolve_library_path
-from .limits import Job, JobLimits, Protected, SandboxMode, TimeLimitExceeded, Watchdog
+from .limits import CancelToken, Job, JobCancelled, JobLimits, Protected, SandboxMode, TimeLimitExceeded, Watchdog
 from .policy import SandboxSyntaxError, compile_restricted_body, compile_restricted_source
 
 _job_numbers = itertools.count(1)
@@ -211,8 +211,17 @@ def _model_device(model: Any) -> torch.device | None:
     return None if device is None or device.type == "meta" else device
 
 
-def run_request(model: Any, request: Request, limits: JobLimits | None = None, job_id: str | None = None) -> Result:
-    """Run a decoded request on ``model`` in the sandbox; always returns a `Result`."""
+def run_request(
+    model: Any,
+    request: Request,
+    limits: JobLimits | None = None,
+    job_id: str | None = None,
+    cancel: CancelToken | None = None,
+) -> Result:
+    """Run a decoded request on ``model`` in the sandbox; always returns a `Result`.
+
+    ``cancel.cancel()``, from another thread, ends the job with `JobCancelled`.
+    """
     started = time.perf_counter()
     job_id = job_id or str(next(_job_numbers))
     sources = SourceMap({}, {})
@@ -221,6 +230,8 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
     model._ready(request.kind)
     device = _model_device(model)
     job = Job(limits or JobLimits(), _protected(model), device)
+    if cancel is not None:
+        cancel.attach(job)
     state = TorchState.now()
     depth = len(_get_current_function_mode_stack())
     watchdog = Watchdog.get()
@@ -243,6 +254,8 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
         code = code.replace(co_name="<trace>")
         runner = Session() if tracer is None else tracer
         held = runner.run_body(code, snapshot, {}, builtins=namespace["__builtins__"], hidden=hidden, bound_only=False)
+        if job.cancelled:
+            raise JobCancelled("the job was cancelled")
         if job.expired:  # the body caught the interruption and went on
             raise TimeLimitExceeded(f"the job ran longer than its limit of {job.limits.time_s:g} s")
         saved = job.saves.select(held)
@@ -250,8 +263,10 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
         encoding = time.perf_counter()
         result.saved = {name: encoder.encode(value, f"the saved value {name!r}") for name, value in saved.items()}
         result.timings.encode = time.perf_counter() - encoding
-    except BaseException as error:  # every failure ends in a Result, never in the worker
-        if job.expired and not isinstance(error, NDIFError):
+    except BaseException:  # every failure ends in a Result, never in the worker
+        if job.cancelled:
+            error = JobCancelled("the job was cancelled")
+        elif job.expired and not isinstance(error, NDIFError):
             error = TimeLimitExceeded(f"the job ran longer than its limit of {job.limits.time_s:g} s")
         result.saved = {}
         result.error = _error_info(error, sources)
@@ -267,6 +282,23 @@ def run_request(model: Any, request: Request, limits: JobLimits | None = None, j
     result.logs = logs
     result.timings.run = time.perf_counter() - started - result.timings.encode
     return result
+
+
+def check_request(request: Request) -> ErrorInfo | None:
+    """Compile the request's body under the sandbox policy without running it.
+
+    Returns the error running it would raise at once (a syntax error, a forbidden
+    construct), at the user's own line; None if the body compiles.
+    """
+    sources = SourceMap({}, {})
+    filename = f"{SANDBOX_FILE_PREFIX}check:{next(_job_numbers)}>"
+    sources.files[filename] = request.body.filename
+    sources.texts[filename] = ("\n" * (request.body.first_line - 1) + request.body.text).splitlines()
+    try:
+        compile_restricted_source(request.body.text, filename, request.body.first_line)
+    except NDIFError as error:
+        return _error_info(error, sources)
+    return None
 
 
 def _protected(model: Any) -> Protected:

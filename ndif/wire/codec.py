@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import zstandard
 
-from .schema import PROTOCOL_VERSION, Request, Result
+from .schema import PROTOCOL_VERSION, BatchRequest, Request, Result
 from .values import Decoder, Limits, WireError
 
 MAGIC = b"NDIF"
@@ -93,3 +93,25 @@ def decode_result(data: bytes, limits: SizeLimits | None = None) -> Result:
     decoder = Decoder(limits.values)
     result.saved = {key: decoder.decode(item) for key, item in result.saved.items()}
     return result
+
+
+def encode_batch(name: str | None, items: list[bytes]) -> bytes:
+    """A batch of already encoded requests (plain MessagePack: the items are compressed)."""
+    return msgspec.msgpack.encode(BatchRequest(name=name, items=items))
+
+
+def decode_batch(data: bytes, max_items: int) -> BatchRequest:
+    """The envelope of a batch; decode each item with `decode_request`."""
+    try:
+        batch = msgspec.msgpack.decode(data, type=BatchRequest)
+    except msgspec.DecodeError as error:
+        raise WireError(f"malformed batch: {error}") from None
+    if batch.protocol != PROTOCOL_VERSION:
+        raise WireError(
+            f"batch protocol version {batch.protocol} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    if not batch.items:
+        raise WireError("the batch has no items")
+    if len(batch.items) > max_items:
+        raise WireError(f"the batch has {len(batch.items)} items; at most {max_items} are accepted at once")
+    return batch

@@ -95,3 +95,11 @@ class Result(msgspec.Struct, kw_only=True):
     logs: list[str] = []
     timings: Timings = msgspec.field(default_factory=Timings)
     error: ErrorInfo | None = None
+
+
+class BatchRequest(msgspec.Struct, kw_only=True):
+    """Many requests submitted as one batch experiment; each item is an encoded `Request`."""
+
+    protocol: int = PROTOCOL_VERSION
+    name: str | None = None
+    items: list[bytes] = []

@@ -1,0 +1,331 @@
+"""Running a job: claim it, hand it to a model actor, keep its lease, record how it ended.
+
+Runs inside Celery workers (one `Dispatcher` per process). Every status change is a
+guarded update (`store.transition`), so at most one dispatcher runs a job's attempt
+and records its end:
+
+* claim: QUEUED → DISPATCHED (attempts + 1, a lease); anything else: the message is stale.
+* start: DISPATCHED → RUNNING, then ``actor.run(job_id)`` on a replica of the deployment.
+* while it runs the lease is renewed every heartbeat; a cancel request is passed on.
+* end: RUNNING → COMPLETED | ERROR | CANCELLED, on the same attempt only.
+
+A failure of the infrastructure (the actor died, Ray unreachable, the store down) puts
+the job back in the queue until ``max_attempts`` is reached, then ends it in ERROR with
+that reason. A failure of the user's code is final at once. If this process dies, the
+job's lease runs out and `recover` (periodic) queues it again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from .db import ACTIVE, FINAL, WAITING, Deployment, Job, Status, utcnow
+from .quotas import quotas_for
+from .service import Service, get_service
+from .store import count_by_status, expired_leases, transition
+
+log = logging.getLogger("ndif.dispatch")
+
+INFRASTRUCTURE = "infrastructure"
+
+
+class Dispatcher:
+    _instance: Dispatcher | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
+        self._ray_lock = threading.Lock()
+        self._ray_ready = False
+        self._actors: dict[str, Any] = {}
+        self._turns = itertools.count()
+
+    @classmethod
+    def get(cls) -> Dispatcher:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = Dispatcher(get_service())
+            return cls._instance
+
+    # -- Ray ------------------------------------------------------------------------
+
+    def _ray(self) -> Any:
+        import ray
+
+        with self._ray_lock:
+            if not self._ray_ready:
+                address = self.settings.ray_address
+                if not address:
+                    path = Path(self.settings.state_dir) / "ray.address"
+                    address = path.read_text().strip() if path.exists() else "auto"
+                if not ray.is_initialized():
+                    local = {"_node_ip_address": "127.0.0.1"} if address.startswith("127.0.0.1") else {}
+                    ray.init(
+                        address=address,
+                        namespace=self.settings.ray_namespace,
+                        log_to_driver=False,
+                        configure_logging=False,
+                        **local,
+                    )
+                self._ray_ready = True
+        return ray
+
+    def _actor(self, name: str, fresh: bool = False) -> Any:
+        ray = self._ray()
+        if fresh or name not in self._actors:
+            self._actors[name] = ray.get_actor(name, namespace=self.settings.ray_namespace)
+        return self._actors[name]
+
+    # -- one job --------------------------------------------------------------------
+
+    def run(self, job_id: str) -> None:
+        """Handle one ``run_job`` message."""
+        from .queue import app, enqueue
+
+        service = self.service
+        with service.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.status != Status.QUEUED:
+                return  # stale message: the job was claimed, cancelled or finished already
+            deployment = service.registry.resolve(job.model)
+            if deployment is None:
+                transition(
+                    session,
+                    job_id,
+                    [Status.QUEUED],
+                    Status.ERROR,
+                    error_type="UnknownModel",
+                    error_message=f"the model {job.model!r} is no longer deployed here",
+                    error_reason=INFRASTRUCTURE,
+                )
+                session.commit()
+                return
+            limit = quotas_for(session, job.owner_id, self.settings).running
+            if count_by_status(session, job.owner_id, ACTIVE) >= limit:
+                # The owner has as many jobs running as their quota allows: wait, not an attempt.
+                enqueue(app, service, job_id, deployment.key, job.lane, delay=1.0)
+                return
+            attempt = job.attempts + 1
+            lease = utcnow() + timedelta(seconds=self.settings.lease_s)
+            claimed = transition(
+                session,
+                job_id,
+                [Status.QUEUED],
+                Status.DISPATCHED,
+                detail=f"attempt {attempt}",
+                attempts=attempt,
+                lease_until=lease,
+            )
+            session.commit()
+        if not claimed:
+            return
+        self._attempt(job_id, attempt, deployment)
+
+    def _attempt(self, job_id: str, attempt: int, deployment: Any) -> None:
+        name = deployment.actor_name(next(self._turns) % deployment.replicas)
+        try:
+            actor = self._actor(name)
+        except Exception as error:  # Ray unreachable, or the replica not up (yet)
+            self._retry_or_fail(job_id, attempt, f"no model worker for {deployment.key!r} answered ({error})")
+            return
+        with self.service.sessions() as session:
+            started = transition(
+                session,
+                job_id,
+                [Status.DISPATCHED],
+                Status.RUNNING,
+                attempt=attempt,
+                detail=name,
+                worker=name,
+                started_at=utcnow(),
+                lease_until=utcnow() + timedelta(seconds=self.settings.lease_s),
+            )
+            session.commit()
+        if not started:
+            return  # cancelled in the meantime
+        try:
+            outcome = self._wait(job_id, attempt, actor.run.remote(job_id), actor)
+        except Exception as error:
+            self._actors.pop(name, None)
+            self._retry_or_fail(job_id, attempt, _infrastructure_message(error, name))
+            return
+        if outcome is not None:
+            self._record(job_id, attempt, outcome)
+
+    def _wait(self, job_id: str, attempt: int, ref: Any, actor: Any) -> dict[str, Any] | None:
+        """Wait for the actor's answer, renewing the lease; None if the job moved on meanwhile."""
+        ray = self._ray()
+        cancel_sent = False
+        while True:
+            ready, _ = ray.wait([ref], timeout=self.settings.heartbeat_s)
+            if ready:
+                return ray.get(ref)
+            with self.service.sessions() as session:
+                renewed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == Status.RUNNING, Job.attempts == attempt)
+                    .values(lease_until=utcnow() + timedelta(seconds=self.settings.lease_s))
+                    .returning(Job.cancel_requested)
+                ).scalar_one_or_none()
+                session.commit()
+            if renewed is None:
+                actor.cancel.remote(job_id)  # the job was ended elsewhere: stop the work
+                return None
+            if renewed and not cancel_sent:
+                actor.cancel.remote(job_id)
+                cancel_sent = True
+
+    def _record(self, job_id: str, attempt: int, outcome: dict[str, Any]) -> None:
+        status = {"completed": Status.COMPLETED, "error": Status.ERROR, "cancelled": Status.CANCELLED}[
+            outcome["status"]
+        ]
+        if outcome.get("reason") == INFRASTRUCTURE:
+            error = outcome.get("error") or {}
+            self._retry_or_fail(job_id, attempt, f"{error.get('type')}: {error.get('message')}")
+            return
+        error = outcome.get("error")
+        values: dict[str, Any] = {"timings": outcome.get("timings")}
+        if "result_bytes" in outcome:
+            values.update(result_key=f"results/{job_id}", result_bytes=outcome["result_bytes"])
+        timings = outcome.get("timings") or {}
+        values["run_seconds"] = timings.get("run")
+        if error is not None:
+            values.update(
+                error_type=error.get("type"),
+                error_message=error.get("message"),
+                error_reason=outcome.get("reason"),
+                error_detail=error,
+            )
+        with self.service.sessions() as session:
+            transition(session, job_id, [Status.RUNNING], status, attempt=attempt, **values)
+            session.commit()
+
+    def _retry_or_fail(self, job_id: str, attempt: int, why: str) -> None:
+        """An infrastructure failure: queue the job again, or end it once out of attempts."""
+        from .queue import app, enqueue
+
+        log.warning("job %s attempt %d failed: %s", job_id, attempt, why)
+        with self.service.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.status in FINAL or job.attempts != attempt:
+                return
+            if job.cancel_requested:
+                transition(session, job_id, ACTIVE, Status.CANCELLED, attempt=attempt, detail=why)
+                session.commit()
+                return
+            if attempt < self.settings.max_attempts:
+                moved = transition(
+                    session,
+                    job_id,
+                    ACTIVE,
+                    Status.QUEUED,
+                    attempt=attempt,
+                    detail=f"retrying: {why}",
+                    lease_until=utcnow() + timedelta(seconds=self.settings.lease_s),
+                )
+                session.commit()
+                deployment = self.service.registry.resolve(job.model)
+                if moved and deployment is not None:
+                    enqueue(app, self.service, job_id, deployment.key, job.lane)
+                return
+            transition(
+                session,
+                job_id,
+                ACTIVE,
+                Status.ERROR,
+                attempt=attempt,
+                detail=why,
+                error_type="WorkerFailure",
+                error_message=(
+                    f"the job failed {attempt} times for reasons outside your code; last: {why}. "
+                    "If it keeps happening, the job may be what brings the worker down (memory, a crash): "
+                    "try a smaller batch or fewer saved values."
+                ),
+                error_reason=INFRASTRUCTURE,
+            )
+            session.commit()
+
+    # -- periodic -------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Requeue (or end) jobs whose lease ran out; resend messages that may have been lost."""
+        from .queue import app, enqueue
+
+        now = utcnow()
+        with self.service.sessions() as session:
+            stale = [(job.id, job.status, job.attempts, job.model, job.lane) for job in expired_leases(session, now)]
+        for job_id, status, attempts, model, lane in stale:
+            deployment = self.service.registry.resolve(model)
+            if status in ACTIVE:
+                self._retry_or_fail(job_id, attempts, "its dispatcher stopped answering (lease expired)")
+                continue
+            with self.service.sessions() as session:
+                moved = transition(
+                    session,
+                    job_id,
+                    WAITING,
+                    Status.QUEUED,
+                    detail="message sent again",
+                    lease_until=utcnow() + timedelta(seconds=self.settings.requeue_after_s),
+                )
+                session.commit()
+            if moved and deployment is not None:
+                enqueue(app, self.service, job_id, deployment.key, lane)
+
+    def expire_results(self) -> None:
+        """Delete results older than the TTL (the job rows stay, marked expired)."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.result_ttl_s)
+        with self.service.sessions() as session:
+            jobs = session.execute(
+                select(Job.id, Job.result_key).where(
+                    Job.result_key.is_not(None), Job.result_expired.is_(False), Job.finished_at < cutoff
+                )
+            ).all()
+            for job_id, key in jobs:
+                self.service.store.delete(key)
+                self.service.store.delete(f"requests/{job_id}")
+                session.execute(update(Job).where(Job.id == job_id).values(result_expired=True))
+            session.commit()
+
+    def refresh_deployments(self) -> None:
+        """Ask every replica how it is; store what ``GET /v1/models`` reports."""
+        ray = None
+        try:
+            ray = self._ray()
+        except Exception as error:
+            log.warning("Ray is not reachable: %s", error)
+        with self.service.sessions() as session:
+            for deployment in self.service.registry.deployments:
+                ready = in_flight = 0
+                for replica in range(deployment.replicas):
+                    if ray is None:
+                        break
+                    try:
+                        actor = self._actor(deployment.actor_name(replica), fresh=True)
+                        health = ray.get(actor.health.remote(), timeout=2.0)
+                    except Exception:
+                        continue
+                    ready += 1
+                    in_flight += health["in_flight"]
+                state = "ready" if ready == deployment.replicas else ("degraded" if ready else "down")
+                row = session.get(Deployment, deployment.key)
+                if row is None:
+                    row = Deployment(key=deployment.key, backend=deployment.backend, replicas=deployment.replicas)
+                    session.add(row)
+                row.state, row.replicas_ready, row.in_flight, row.updated_at = state, ready, in_flight, utcnow()
+            session.commit()
+
+
+def _infrastructure_message(error: Exception, name: str) -> str:
+    kind = type(error).__name__
+    if "ActorDied" in kind or "ActorUnavailable" in kind or "RayActorError" in kind:
+        return f"the model worker {name} died while running the job"
+    return f"{kind} from {name}: {str(error).splitlines()[0] if str(error) else ''}"
