@@ -263,7 +263,8 @@ def run_request(
         encoding = time.perf_counter()
         result.saved = {name: encoder.encode(value, f"the saved value {name!r}") for name, value in saved.items()}
         result.timings.encode = time.perf_counter() - encoding
-    except BaseException:  # every failure ends in a Result, never in the worker
+    except BaseException as raised:  # every failure ends in a Result, never in the worker
+        error = raised
         if job.cancelled:
             error = JobCancelled("the job was cancelled")
         elif job.expired and not isinstance(error, NDIFError):

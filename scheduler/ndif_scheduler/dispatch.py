@@ -154,6 +154,7 @@ class Dispatcher:
         try:
             outcome = self._wait(job_id, attempt, actor.run.remote(job_id), actor)
         except Exception as error:
+            log.warning("job %s attempt %d on %s failed: %s", job_id, attempt, name, error)
             self._actors.pop(name, None)
             self._retry_or_fail(job_id, attempt, _infrastructure_message(error, name))
             return
