@@ -1,4 +1,14 @@
-"""The ``ndif`` command line."""
+"""The ``ndif`` command line.
+
+    ndif up                                 # the service on this machine (a tiny model if no registry)
+    ndif models                             # what the service serves
+    ndif jobs list / status ID / result ID --out values.safetensors / cancel ID
+    ndif batch list / status ID / results ID --out DIR / cancel ID
+    ndif keys create NAME                   # with an admin key
+
+The service's commands read ``NDIF_API_URL``/``NDIF_API_KEY`` (or the client config
+file, ``NDIF_CLIENT_CONFIG``); ``--api-url``/``--api-key`` override them.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +17,24 @@ from typing import Annotated
 
 import typer
 
+from .commands import ApiKey, ApiUrl, AsJson, batch_app, jobs_app, keys_app, list_models
+
 app = typer.Typer(help="ndif: interpretability on production inference.", no_args_is_help=True)
-models = typer.Typer(help="Models: build tiny ones for tests and demos.", no_args_is_help=True)
+models = typer.Typer(help="Models: what the service serves, or build tiny ones for tests and demos.")
 app.add_typer(models, name="models")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(batch_app, name="batch")
+app.add_typer(keys_app, name="keys")
+
+
+@models.callback(invoke_without_command=True)
+def models_list(ctx: typer.Context, as_json: AsJson = False, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """The service's models (deployments): state, replicas ready, queued and running jobs.
+
+    ``ndif models make-tiny DIR`` builds a tiny model locally instead.
+    """
+    if ctx.invoked_subcommand is None:
+        list_models(api_url, api_key, as_json)
 
 
 @models.command("make-tiny")
@@ -29,6 +54,33 @@ def make_tiny(
         raise typer.BadParameter(f"choose one of {', '.join(ARCHITECTURES)}", param_hint="--arch")
     path = build(directory, arch=arch, layers=layers, hidden=hidden, vocab_size=vocab_size, seed=seed)  # type: ignore[arg-type]
     typer.echo(f"wrote a tiny {arch} model to {path}")
+
+
+@app.command()
+def up(
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model registry TOML (default: NDIF_REGISTRY, else a tiny Llama built in the state dir).",
+            exists=True,
+            dir_okay=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The API's port.")] = 8289,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the service keeps its files (default: NDIF_STATE_DIR or ~/.local/state/ndif).",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+) -> None:
+    """Run the service on this machine (API, dispatchers, model workers) until Ctrl-C."""
+    from .launcher import up as run
+
+    raise typer.Exit(run(registry, port, state_dir))
 
 
 @app.command()
