@@ -8,7 +8,8 @@ the key that made them: any other key gets 404, as for an id that does not exist
 
 import base64
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -65,7 +66,15 @@ def create_app(service: Service | None = None) -> FastAPI:
     service = service or get_service()
     settings = service.settings
     metrics = Metrics(service)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Long polls hold a worker thread each: allow many at once.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="ndif",
         version=__version__,
         summary="Run interpretability traces on shared, production model deployments.",
@@ -75,11 +84,6 @@ def create_app(service: Service | None = None) -> FastAPI:
         ),
     )
     app.state.service = service
-
-    @app.on_event("startup")
-    def _threads() -> None:
-        # Long polls hold a worker thread each: allow many at once.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
 
     @app.exception_handler(ApiError)
     def _api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -150,7 +154,7 @@ def create_app(service: Service | None = None) -> FastAPI:
         try:
             request = codec.decode_request(data, codec.SizeLimits(max_compressed=settings.max_request_bytes))
         except WireError as error:
-            raise ApiError(400, f"{where}malformed request: {error}") from None
+            raise ApiError(400, f"{where}{error}") from None
         if request.kind not in ("trace", "generate", "scan", "session"):
             raise ApiError(400, f"{where}unknown request kind {request.kind!r}")
         deployment = service.registry.resolve(request.model)
@@ -383,6 +387,8 @@ def create_app(service: Service | None = None) -> FastAPI:
                 envelope = codec.decode_batch(data, settings.max_batch_items)
             except WireError as error:
                 raise ApiError(400, str(error)) from None
+            if envelope.name is not None and len(envelope.name) > 200:
+                raise ApiError(400, f"the batch name is {len(envelope.name)} characters; at most 200 are kept")
             items = []
             for index, item in enumerate(envelope.items):
                 decoded, deployment_key = validate(item, where=f"batch item {index}: ")

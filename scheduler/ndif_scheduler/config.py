@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; SQLite under state_dir if unset.")
     broker_url: str | None = Field(None, description="Celery broker; a local-files broker if unset.")
     s3_endpoint: str | None = Field(None, description="S3 API endpoint; a local directory store if unset.")
+    s3_public_endpoint: str | None = Field(
+        None, description="The S3 endpoint as clients reach it, for download URLs (default: s3_endpoint)."
+    )
     s3_bucket: str = "ndif"
     s3_region: str = "us-east-1"
     s3_access_key: str | None = None
@@ -46,6 +49,7 @@ class Settings(BaseSettings):
     requeue_after_s: float = 900.0
     heartbeat_s: float = 2.0
     max_attempts: int = 3
+    actor_wait_s: float = 300.0  # how long a job waits for a (re)starting model replica
     max_request_bytes: int = 256 << 20
     max_batch_items: int = 10_000
     quota_queued: int = 1000
@@ -86,12 +90,13 @@ class Settings(BaseSettings):
             # leases recover jobs much sooner; this is the broker's last resort).
             return {"visibility_timeout": 3600}
         folder = self.state_dir / "broker"
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
 
@@ -111,6 +116,21 @@ class Settings(BaseSettings):
                 with os.fdopen(fd, "w") as out:
                     out.write(os.urandom(32).hex())
         return path.read_text().strip().encode()
+
+
+#: What a model actor needs: the object store and the job limits. Actors run users'
+#: code (sandboxed), so they are not handed the database or broker credentials.
+ACTOR_FIELDS = (
+    "state_dir", "s3_endpoint", "s3_public_endpoint", "s3_bucket", "s3_region", "s3_access_key", "s3_secret_key",
+    "public_url", "signing_secret", "max_request_bytes", "job_time_s", "job_max_saved_bytes",
+)  # fmt: skip
+
+
+def actor_settings(settings: Settings) -> dict[str, Any]:
+    """The settings a model actor is given (JSON-safe)."""
+    data = settings.model_dump(mode="json", include=set(ACTOR_FIELDS))
+    data["signing_secret"] = settings.secret.decode()
+    return data
 
 
 def load_settings(**overrides: Any) -> Settings:

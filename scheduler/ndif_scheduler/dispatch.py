@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -97,16 +98,7 @@ class Dispatcher:
                 return  # stale message: the job was claimed, cancelled or finished already
             deployment = service.registry.resolve(job.model)
             if deployment is None:
-                transition(
-                    session,
-                    job_id,
-                    [Status.QUEUED],
-                    Status.ERROR,
-                    error_type="UnknownModel",
-                    error_message=f"the model {job.model!r} is no longer deployed here",
-                    error_reason=INFRASTRUCTURE,
-                )
-                session.commit()
+                self._unknown_model(session, job, [Status.QUEUED], {})
                 return
             limit = quotas_for(session, job.owner_id, self.settings).running
             if count_by_status(session, job.owner_id, ACTIVE) >= limit:
@@ -120,6 +112,7 @@ class Dispatcher:
                 job_id,
                 [Status.QUEUED],
                 Status.DISPATCHED,
+                attempt=job.attempts,  # another dispatcher may have claimed and requeued it meanwhile
                 detail=f"attempt {attempt}",
                 attempts=attempt,
                 lease_until=lease,
@@ -135,6 +128,13 @@ class Dispatcher:
             actor = self._actor(name)
         except Exception as error:  # Ray unreachable, or the replica not up (yet)
             self._retry_or_fail(job_id, attempt, f"no model worker for {deployment.key!r} answered ({error})")
+            return
+        ready = self._await_ready(job_id, attempt, actor)
+        if ready is None:
+            return  # the job moved on meanwhile (cancelled)
+        if not ready:
+            self._actors.pop(name, None)
+            self._retry_or_fail(job_id, attempt, f"the model worker {name} did not become ready")
             return
         with self.service.sessions() as session:
             started = transition(
@@ -160,6 +160,32 @@ class Dispatcher:
             return
         if outcome is not None:
             self._record(job_id, attempt, outcome)
+
+    def _await_ready(self, job_id: str, attempt: int, actor: Any) -> bool | None:
+        """Wait while the replica (re)starts, keeping the job's lease; None if the job moved on.
+
+        A replica that is restarting (after a crash, its model loading again) is not the
+        job's failure: the job waits for it, up to ``actor_wait_s``.
+        """
+        ray = self._ray()
+        deadline = time.monotonic() + self.settings.actor_wait_s
+        while True:
+            try:
+                ray.get(actor.health.remote(), timeout=2.0)
+                return True
+            except Exception as error:
+                if "ActorDied" in type(error).__name__ or time.monotonic() > deadline:
+                    return False
+            with self.service.sessions() as session:
+                renewed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == Status.DISPATCHED, Job.attempts == attempt)
+                    .values(lease_until=utcnow() + timedelta(seconds=self.settings.lease_s))
+                ).rowcount
+                session.commit()
+            if not renewed:
+                return None
+            time.sleep(0.5)
 
     def _wait(self, job_id: str, attempt: int, ref: Any, actor: Any) -> dict[str, Any] | None:
         """Wait for the actor's answer, renewing the lease; None if the job moved on meanwhile."""
@@ -209,18 +235,27 @@ class Dispatcher:
             transition(session, job_id, [Status.RUNNING], status, attempt=attempt, **values)
             session.commit()
 
-    def _retry_or_fail(self, job_id: str, attempt: int, why: str) -> None:
-        """An infrastructure failure: queue the job again, or end it once out of attempts."""
+    def _retry_or_fail(self, job_id: str, attempt: int, why: str, lease_expired_by: Any = None) -> None:
+        """An infrastructure failure: queue the job again, or end it once out of attempts.
+
+        ``lease_expired_by``: only if the job's lease is (still) expired then — a slow
+        dispatcher that has just renewed it keeps its job.
+        """
         from .queue import app, enqueue
 
         log.warning("job %s attempt %d failed: %s", job_id, attempt, why)
+        guard = {"attempt": attempt, "lease_expired_by": lease_expired_by}
         with self.service.sessions() as session:
             job = session.get(Job, job_id)
             if job is None or job.status in FINAL or job.attempts != attempt:
                 return
+            deployment = self.service.registry.resolve(job.model)
             if job.cancel_requested:
-                transition(session, job_id, ACTIVE, Status.CANCELLED, attempt=attempt, detail=why)
+                transition(session, job_id, ACTIVE, Status.CANCELLED, detail=why, **guard)
                 session.commit()
+                return
+            if deployment is None:
+                self._unknown_model(session, job, ACTIVE, guard)
                 return
             if attempt < self.settings.max_attempts:
                 moved = transition(
@@ -228,22 +263,22 @@ class Dispatcher:
                     job_id,
                     ACTIVE,
                     Status.QUEUED,
-                    attempt=attempt,
                     detail=f"retrying: {why}",
                     lease_until=utcnow() + timedelta(seconds=self.settings.lease_s),
+                    **guard,
                 )
                 session.commit()
-                deployment = self.service.registry.resolve(job.model)
-                if moved and deployment is not None:
-                    enqueue(app, self.service, job_id, deployment.key, job.lane)
+                if moved:
+                    # Back off: what failed (a replica restarting, a network blip) needs a moment.
+                    enqueue(app, self.service, job_id, deployment.key, job.lane, delay=min(2.0**attempt, 30.0))
                 return
             transition(
                 session,
                 job_id,
                 ACTIVE,
                 Status.ERROR,
-                attempt=attempt,
                 detail=why,
+                **guard,
                 error_type="WorkerFailure",
                 error_message=(
                     f"the job failed {attempt} times for reasons outside your code; last: {why}. "
@@ -253,6 +288,21 @@ class Dispatcher:
                 error_reason=INFRASTRUCTURE,
             )
             session.commit()
+
+    @staticmethod
+    def _unknown_model(session: Any, job: Job, expected: Any, guard: dict[str, Any]) -> None:
+        """End a job whose model was removed from the registry after it was accepted."""
+        transition(
+            session,
+            job.id,
+            expected,
+            Status.ERROR,
+            error_type="UnknownModel",
+            error_message=f"the model {job.model!r} is no longer deployed here; submit to a deployed model",
+            error_reason=INFRASTRUCTURE,
+            **guard,
+        )
+        session.commit()
 
     # -- periodic -------------------------------------------------------------------
 
@@ -266,19 +316,26 @@ class Dispatcher:
         for job_id, status, attempts, model, lane in stale:
             deployment = self.service.registry.resolve(model)
             if status in ACTIVE:
-                self._retry_or_fail(job_id, attempts, "its dispatcher stopped answering (lease expired)")
+                why = "its dispatcher stopped answering (lease expired)"
+                self._retry_or_fail(job_id, attempts, why, lease_expired_by=now)
                 continue
             with self.service.sessions() as session:
+                if deployment is None:
+                    job = session.get(Job, job_id)
+                    if job is not None:
+                        self._unknown_model(session, job, WAITING, {"lease_expired_by": now})
+                    continue
                 moved = transition(
                     session,
                     job_id,
                     WAITING,
                     Status.QUEUED,
                     detail="message sent again",
+                    lease_expired_by=now,
                     lease_until=utcnow() + timedelta(seconds=self.settings.requeue_after_s),
                 )
                 session.commit()
-            if moved and deployment is not None:
+            if moved:
                 enqueue(app, self.service, job_id, deployment.key, lane)
 
     def expire_results(self) -> None:

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from .config import Settings
@@ -49,14 +49,21 @@ class S3Store:
         from botocore.config import Config
 
         self.bucket = settings.s3_bucket
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key or "ndif",
-            aws_secret_access_key=settings.s3_secret_key or "ndif",
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
-        )
+
+        def client(endpoint: str | None) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key or "ndif",
+                aws_secret_access_key=settings.s3_secret_key or "ndif",
+                config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
+            )
+
+        self.client = client(settings.s3_endpoint)
+        # Download URLs are signed for the host clients use (it is part of the signature).
+        public = settings.s3_public_endpoint
+        self.presigner = client(public) if public and public != settings.s3_endpoint else self.client
         self._ensure_bucket()
 
     def _ensure_bucket(self) -> None:
@@ -91,7 +98,7 @@ class S3Store:
         self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def download_url(self, key: str, ttl_s: float) -> str:
-        return self.client.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(ttl_s)
         )
 

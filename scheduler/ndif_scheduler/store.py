@@ -31,10 +31,12 @@ def transition(
     new: Status,
     detail: str | None = None,
     attempt: int | None = None,
+    lease_expired_by: datetime | None = None,
     **values: Any,
 ) -> bool:
     """Move ``job_id`` to ``new`` if its status is one of ``expected`` (and, with
-    ``attempt``, if it is still on that attempt); record the event.
+    ``attempt``, if it is still on that attempt; with ``lease_expired_by``, if its lease
+    ran out before then); record the event.
 
     Returns whether it moved. The caller commits.
     """
@@ -46,6 +48,8 @@ def transition(
     conditions = [Job.id == job_id, Job.status.in_(expected)]
     if attempt is not None:
         conditions.append(Job.attempts == attempt)
+    if lease_expired_by is not None:
+        conditions.append(Job.lease_until < lease_expired_by)
     previous = session.execute(select(Job.status).where(*conditions).with_for_update()).scalar_one_or_none()
     if previous is None:
         return False

@@ -187,3 +187,99 @@ def test_quota_refusals(production_stack, llama):
     tracer.job.cancel()
     running.cancel()
     wait_status(running, {"CANCELLED"})
+
+
+def test_batch_of_100_traces_with_per_item_status(production_stack, llama):
+    client = production_stack.client("batcher")
+    prompts = [f"prompt number {i} is" for i in range(100)]
+    with ndif_sdk.Batch("sweep", client=client) as batch:
+        for prompt in prompts:
+            with llama.trace(prompt, remote=batch) as tracer:
+                token = llama.lm_head.output[0, -1].argmax().save()
+    assert batch.id and len(batch) == 100
+    again = ndif_sdk.Batch.get(batch.id, client=client)  # as after a client restart
+    counts = again.wait(timeout=240, progress=False)
+    assert counts == {"COMPLETED": 100}
+    jobs = again.jobs()
+    assert [job.info["batch_index"] for job in jobs] == list(range(100))
+    assert {job.info["lane"] for job in jobs} == {"batch"}
+    results = again.results()
+    expected = []
+    for prompt in prompts:
+        with llama.trace(prompt):
+            token = llama.lm_head.output[0, -1].argmax().save()
+        expected.append(int(token))
+    assert [int(result["token"]) for result in results] == expected
+    listed = client.jobs(batch=batch.id, limit=500)["jobs"]
+    assert len(listed) == 100
+
+
+def test_batch_partial_results_and_cancel_the_rest(production_stack, llama):
+    client = production_stack.client("partial", quota_running=1)
+    with ndif_sdk.Batch("slow", client=client) as batch:
+        for index in range(12):
+            with llama.trace("slow", remote=batch):
+                total = 0
+                for i in range(1_500_000):
+                    total = total + 1
+                out = ndif.save(total + index)
+    deadline = time.monotonic() + 60
+    while batch.progress()[0].get("COMPLETED", 0) < 1:
+        assert time.monotonic() < deadline, batch.info
+        time.sleep(0.2)
+    partial = batch.results()
+    done = [i for i, value in enumerate(partial) if isinstance(value, dict)]
+    assert done and all(partial[i]["out"] == 1_500_000 + i for i in done)
+    assert any(value is None for value in partial)
+    counts = batch.cancel()
+    deadline = time.monotonic() + 60
+    while batch.progress()[1] < 1.0:
+        assert time.monotonic() < deadline, batch.info
+        time.sleep(0.2)
+    counts, _ = batch.progress()
+    assert counts.get("CANCELLED", 0) >= 1 and sum(counts.values()) == 12
+    assert set(counts) <= {"COMPLETED", "CANCELLED"}
+
+
+def test_malformed_oversized_and_hostile_requests(production_stack, llama):
+    client = production_stack.client("hostile")
+    remote = production_stack.remote(client)
+    http = production_stack.http(client.api_key)
+    garbage = http.post(
+        "/v1/jobs", content=b"\x00not a request", headers={"Content-Type": "application/x-ndif-request"}
+    )
+    assert garbage.status_code == 400 and "malformed message" in garbage.json()["detail"]
+
+    big = torch.randn(3 << 20)  # 12 MiB of noise captured (zstd cannot shrink it): over the 8 MiB limit
+    with pytest.raises(ndif_sdk.ServiceError) as oversized:
+        with llama.trace(PROMPT, remote=remote):
+            out = (llama.lm_head.output[0, -1, :1] + big[:1]).save()
+    assert oversized.value.status == 413
+
+    with pytest.raises(ndif.NDIFError, match="import") as refused:
+        with llama.trace(PROMPT, remote=remote):
+            import os
+
+            out = os.getcwd()
+    assert refused.value.ndif_error.line.filename == __file__
+
+    with pytest.raises(ndif.sandbox.MemoryLimitExceeded):
+        with llama.trace(PROMPT, remote=remote):
+            bomb = torch.zeros(10**12)
+
+    with pytest.raises(ndif.sandbox.TimeLimitExceeded):
+        with llama.trace(PROMPT, remote=remote):
+            while True:
+                pass
+
+    with pytest.raises(ZeroDivisionError):
+        with llama.trace(PROMPT, remote=remote):
+            value = 1 / 0
+    failed = client.jobs(status=["ERROR"], limit=10)["jobs"]
+    assert {job["error"]["reason"] for job in failed} == {"user", "limit"}
+
+    with llama.trace(PROMPT, remote=remote):  # the worker is healthy after all of that
+        logits = llama.lm_head.output.save()
+    with llama.trace(PROMPT):
+        local = llama.lm_head.output.save()
+    assert torch.equal(logits, local)

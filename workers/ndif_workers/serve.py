@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import ray
 import typer
 
-from ndif_scheduler.config import Settings, load_settings
+from ndif_scheduler.config import Settings, actor_settings, load_settings
 from ndif_scheduler.registry import Deployment, Registry, load_registry
 
 from .actor import ModelActor
@@ -52,8 +52,7 @@ def actor_options(deployment: Deployment, replica: int, namespace: str, detached
 def start_actors(registry: Registry, settings: Settings, detached: bool) -> dict[str, Any]:
     """Create (or find) every replica's actor and wait until each has loaded its model."""
     remote_class = ray.remote(ModelActor)
-    settings_data = settings.model_dump(mode="json")
-    settings_data["signing_secret"] = settings.secret.decode()
+    settings_data = actor_settings(settings)
     actors = {}
     for deployment in registry.deployments:
         for replica in range(deployment.replicas):
