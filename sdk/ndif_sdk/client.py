@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -23,17 +24,22 @@ class Client:
         self.api_key = api_key or config.api_key
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.http = httpx.Client(base_url=self.api_url, headers=headers, timeout=timeout)
+        # Downloads go straight to the object store: no API key on them.
+        self.downloads = httpx.Client(timeout=300)
 
     def close(self) -> None:
         self.http.close()
+        self.downloads.close()
 
     # -- plumbing -------------------------------------------------------------------
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
-        except httpx.ConnectError as error:
-            raise ServiceError(0, f"cannot reach the ndif service at {self.api_url} ({error}); is it up?") from None
+        except httpx.TransportError as error:
+            raise ServiceError(
+                0, f"cannot reach the ndif service at {self.api_url} ({error or type(error).__name__}); is it up?"
+            ) from None
         if response.status_code >= 400:
             raise _error(response)
         if response.status_code == 204 or not response.content:
@@ -80,7 +86,10 @@ class Client:
 
     def download(self, url: str) -> bytes:
         """Fetch a result straight from the object store (a presigned URL needs no key)."""
-        response = httpx.get(url, timeout=300)
+        try:
+            response = self.downloads.get(url)
+        except httpx.TransportError as error:
+            raise ServiceError(0, f"downloading the result failed ({error or type(error).__name__})") from None
         if response.status_code >= 400:
             raise ServiceError(response.status_code, f"downloading the result failed: {response.text[:200]}")
         return response.content
@@ -138,5 +147,20 @@ def _error(response: httpx.Response) -> ServiceError:
     if status == 404:
         return NotFound(status, detail, body)
     if status == 429:
-        return QuotaExceeded(status, detail, body, float(response.headers.get("Retry-After", "5")))
+        return QuotaExceeded(status, detail, body, _retry_after(response.headers.get("Retry-After")))
     return ServiceError(status, detail, body)
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (seconds, or an HTTP date), 5 if absent or unreadable."""
+    if not value:
+        return 5.0
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max((parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds(), 0.0)
+        except (TypeError, ValueError):
+            return 5.0

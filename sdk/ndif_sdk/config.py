@@ -2,7 +2,8 @@
 
 Read from ``NDIF_API_URL`` and ``NDIF_API_KEY``, else from a TOML file
 (``NDIF_CLIENT_CONFIG``, default ``~/.config/ndif/config.toml``) with ``api_url`` and
-``api_key``. ``ndif-server up`` writes such a file for its own admin key.
+``api_key``, else from the file ``ndif up`` writes for its own admin key
+(``<state dir>/client.toml``), so a local stack works with no setup.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def config_path() -> Path:
     return base / "ndif" / "config.toml"
 
 
+def state_dir() -> Path:
+    """The embedded stack's folder (as the server chooses it)."""
+    explicit = os.environ.get("NDIF_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "ndif"
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     api_url: str = DEFAULT_URL
@@ -32,6 +41,8 @@ class ClientConfig:
     def load(cls) -> ClientConfig:
         data: dict = {}
         path = config_path()
+        if not path.exists() and "NDIF_CLIENT_CONFIG" not in os.environ:
+            path = state_dir() / "client.toml"
         if path.exists():
             with path.open("rb") as handle:
                 data = tomllib.load(handle)
