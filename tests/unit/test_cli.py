@@ -509,7 +509,7 @@ def test_an_unreachable_service_is_one_line(monkeypatch):
     slow = ndif_cli("batch", "list")
     assert slow.exit_code == 1
     assert slow.stderr == (
-        "error: cannot reach http://127.0.0.1:8289/v1/batches (ReadTimeout: timed out); is the service up?\n"
+        "error: cannot reach the ndif service at http://127.0.0.1:8289 (timed out); is it up? (start one on this machine with: ndif up)\n"
     )
 
 
