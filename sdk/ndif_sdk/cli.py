@@ -88,11 +88,13 @@ def demo(
     directory: Annotated[
         Path | None, typer.Option(help="Where to build the tiny model (default: a temporary folder).")
     ] = None,
+    service: Annotated[bool, typer.Option(help="Also start the embedded service stack and run remote traces.")] = True,
 ) -> None:
-    """Run the tracing demo on a tiny local model."""
+    """Run the demo on a tiny model: local tracing, then the same through the embedded service."""
     from .demo import run_demo
 
-    run_demo(directory)
+    run_demo(directory, service=service)
+    typer.secho("demo complete", fg="green")
 
 
 @app.command()

@@ -1,14 +1,19 @@
-"""``ndif demo``: the tracing API end to end on a tiny local model.
+"""``ndif demo``: the tracing API and the service, end to end, on a tiny model.
 
 Builds a tiny random-weight Llama (no hub access), then runs the things
 researchers do every day: save activations, zero an MLP output, patch an
 activation from one prompt into another, steer generation at every step, and read
-the logit lens. Each section prints what it measured.
+the logit lens. Then it starts the embedded service stack (API, dispatchers, a Ray
+model actor; SQLite, a local object store) serving the same model, and runs a
+blocking remote trace, a non-blocking one and a small batch experiment against it,
+and stops the stack. Each section prints what it measured.
 """
 
 from __future__ import annotations
 
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,14 +29,87 @@ def _section(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-def run_demo(directory: Path | None = None) -> None:
+def run_demo(directory: Path | None = None, service: bool = True) -> None:
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(directory or scratch) / "tiny-llama"
+        root = Path(directory or scratch)
+        path = root / "tiny-llama"
         _section("Building a tiny random-weight Llama (local tokenizer, no hub)")
         ndif.make_tiny(path, arch="llama", layers=4, hidden=64)
         model = ndif.LanguageModel(path, dtype=torch.float32)
         console.print(f"model at {path}; weights loaded: {model.dispatched} (lazy until the first trace)")
         _demo(model)
+        if service:
+            _service_demo(model, path.resolve(), root / "stack")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _service_demo(model: ndif.LanguageModel, path: Path, state: Path) -> None:
+    from .backend import RemoteBackend
+    from .batch import Batch
+    from .client import Client
+    from .launcher import background_stack
+
+    _section("6. Starting the embedded service stack (API, dispatchers, Ray model actor)")
+    state.mkdir(parents=True, exist_ok=True)
+    registry = state / "models.toml"
+    # One torch thread on both sides, so float sums run in the same order and the
+    # remote values can be compared bit for bit with the local ones.
+    registry.write_text(f'[[deployments]]\nkey = "tiny-llama"\npath = "{path}"\ntorch_threads = 1\n')
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    with background_stack(state, registry, _free_port()) as (url, key):
+        console.print(f"up at {url} in {time.perf_counter() - started:.1f} s (logs in {state / 'logs'})")
+        client = Client(url, key)
+        remote = RemoteBackend(client)
+        prompt = "The Eiffel Tower is in"
+
+        _section("7. A blocking remote trace: the same values as a local one")
+        with model.trace(prompt, remote=remote) as tracer:
+            hidden = model.model.layers[2].output.save()
+            logits = model.lm_head.output.save()
+        with model.trace(prompt):
+            local = model.lm_head.output.save()
+        job = tracer.job
+        difference = (logits - local).abs().max().item()
+        console.print(
+            f"job {job.id[:12]} {job.info['status']}; hidden {tuple(hidden.shape)}; "
+            f"max |remote - local| over the logits: {difference:g} (bitwise equal: {torch.equal(logits, local)})"
+        )
+
+        _section("8. A non-blocking remote trace: submit, poll, fetch")
+        with model.trace("The Colosseum is in", remote=remote, blocking=False) as tracer:
+            top = model.lm_head.output[0, -1].argmax().save()
+        job = tracer.job
+        console.print(f"submitted job {job.id[:12]}: {job.status()}")
+        console.print(f"waited: {job.wait(timeout=120, progress=False)}")
+        token = int(job.result()["top"])
+        console.print(f"top next token: {token} ({model.tokenizer.decode(token)!r})")
+
+        _section("9. A batch experiment: one submission, followed and fetched by id")
+        prompts = ["Paris is the capital of", "Rome is the capital of", "Berlin is the capital of"]
+        scales = [0.0, 4.0]
+        steer = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        with Batch("demo sweep", client=client) as batch:
+            for text in prompts:
+                for scale in scales:
+                    with model.trace(text, remote=batch):
+                        model.model.layers[1].output[:, -1] += scale * steer
+                        top = model.lm_head.output[0, -1].argmax().save()  # noqa: F841 (bound by each result)
+        console.print(f"batch {batch.id[:12]}: {len(batch)} traces")
+        counts = batch.wait(timeout=300, progress=False)
+        console.print(f"finished: {counts}")
+        table = Table("prompt", "steering scale", "top next token")
+        for index, result in enumerate(batch.results()):
+            text, scale = prompts[index // len(scales)], scales[index % len(scales)]
+            table.add_row(text, f"{scale:g}", repr(model.tokenizer.decode(int(result["top"]))))
+        console.print(table)
+        client.close()
+    console.print("stack stopped")
 
 
 def _demo(model: ndif.LanguageModel) -> None:
@@ -88,4 +166,4 @@ def _demo(model: ndif.LanguageModel) -> None:
     for index, token in enumerate(lens):
         table.add_row(str(index), repr(model.tokenizer.decode(token)))
     console.print(table)
-    console.print("[green]demo complete")
+    console.print("[green]local tracing demo complete")

@@ -9,6 +9,7 @@ arguments.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,7 +17,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 SERVICE_PACKAGES = ("ndif_scheduler", "ndif_workers")
@@ -132,3 +135,47 @@ def up(registry: Path | None, port: int, state_dir: Path | None) -> int:
     typer.echo(f"ndif: starting the service at http://127.0.0.1:{port} with its files in {state}", err=True)
     typer.echo(f"ndif: clients on this machine: export NDIF_CLIENT_CONFIG={state / 'client.toml'}", err=True)
     return run_forwarding(server_command(registry.resolve() if registry else None, port, state))
+
+
+@contextlib.contextmanager
+def background_stack(state_dir: Path, registry: Path, port: int, timeout: float = 300) -> Iterator[tuple[str, str]]:
+    """Run the embedded stack in the background for the ``with`` block; yields (API URL, admin key).
+
+    Stopped on exit (SIGTERM to its process group, SIGKILL if it lingers). Its logs
+    are in ``state_dir/logs``.
+    """
+    import httpx
+
+    if missing_service():
+        raise RuntimeError(NOT_INSTALLED)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    output = open(state_dir / "up.log", "wb")  # noqa: SIM115 (the child writes it)
+    process = subprocess.Popen(
+        server_command(registry, port, state_dir), stdin=subprocess.DEVNULL, stdout=output,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the stack exited with {process.returncode}; see {state_dir / 'up.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stack did not start in {timeout:.0f} s; see {state_dir / 'logs'}")
+            try:
+                if b"ndif is up" in (state_dir / "up.log").read_bytes() and httpx.get(f"{url}/healthz").is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        config = tomllib.loads((state_dir / "client.toml").read_text())
+        yield url, config["api_key"]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        output.close()
