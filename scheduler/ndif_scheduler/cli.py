@@ -92,6 +92,32 @@ def beat_command() -> None:
     celery.start(["beat", f"--schedule={schedule}", "--loglevel=WARNING"])
 
 
+@app.command()
+def openapi(
+    out: Annotated[Path | None, typer.Option(help="Write the spec here (default: print it).")] = None,
+) -> None:
+    """Print the HTTP API's OpenAPI spec (JSON); docs/openapi.json is this output."""
+    print_spec = openapi_spec()
+    if out is None:
+        typer.echo(print_spec)
+    else:
+        out.write_text(print_spec + "\n")
+
+
+def openapi_spec() -> str:
+    """The OpenAPI spec as stable JSON (nothing is started or connected to)."""
+    import json
+    import tempfile
+
+    from .api import create_app
+    from .config import Settings
+    from .service import Service
+
+    with tempfile.TemporaryDirectory() as scratch:
+        app_ = create_app(Service(Settings(state_dir=Path(scratch))))
+        return json.dumps(app_.openapi(), indent=2, sort_keys=True)
+
+
 @keys.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="Who the key is for.")],

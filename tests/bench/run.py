@@ -17,14 +17,22 @@ total ratio on the other, and a paired ratio (median over repetitions of ndif/
 nnsight timed back to back). The cost per accessed module is
 ``(t_k - t_trivial) / k``, with the trivial trace timed in the same rotation.
 
-A last section (`tests.bench.wire`) measures the wire format of ``remote=``: encoded
+A further section (`tests.bench.wire`) measures the wire format of ``remote=``: encoded
 sizes and encode/decode times of typical requests and results.
+
+The service section (`tests.bench.service`) starts the service twice, as the embedded
+stack and against PostgreSQL, Redis and SeaweedFS, and measures a tiny trace's
+submit→result latency (sequential, and with 32 concurrent clients) and throughput,
+with the service's own share of the time (total minus the actor's model time).
 
 This is a benchmark, not a test: nothing asserts on timings. It does check once,
 before timing, that ndif and nnsight save equal values (both wrap identical
 weights), so the two are known to do equal work.
 
-    python -m tests.bench.run [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
+    python -m tests.bench.run [tracing] [service] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
+
+With no section named, every section runs: ``tracing`` (the tracing tables, the engine
+and the wire format, against nnsight) and ``service``.
 """
 
 from __future__ import annotations
@@ -50,12 +58,15 @@ import torch  # noqa: E402
 
 from . import cases as bench_cases  # noqa: E402
 from . import engine as bench_engine  # noqa: E402
+from . import service as bench_service  # noqa: E402
 from . import wire as bench_wire  # noqa: E402
 from .cases import Case, Inputs  # noqa: E402
 from .timing import Timing, measure, paired_difference, paired_ratio  # noqa: E402
 
 #: (batch, tokens) of the input sizes measured.
 SIZES = ((1, 16), (8, 64))
+#: The sections ``python -m tests.bench.run SECTION...`` may name (none named: all of them).
+SECTIONS = ("tracing", "service")
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -422,6 +433,12 @@ def profile(nd: Any, ns: Any, inputs: Inputs, rows: list[Case], reps: int = 200)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "sections",
+        nargs="*",
+        metavar="SECTION",
+        help=f"run only these sections ({', '.join(SECTIONS)}); default: all",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument(
         "--budget",
@@ -444,17 +461,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep the torch.Tensor.save ndif installs (nnsight's tensor saves then detour through it)",
     )
+    service = parser.add_argument_group("service section")
+    service.add_argument("--service-warmup", type=int, default=bench_service.WARMUP, help="untimed jobs per stack")
+    service.add_argument(
+        "--sequential", type=int, default=bench_service.SEQUENTIAL, help="jobs one after the other, per stack"
+    )
+    service.add_argument("--clients", type=int, default=bench_service.CLIENTS, help="concurrent clients")
+    service.add_argument("--per-client", type=int, default=bench_service.PER_CLIENT, help="jobs per client")
+    service.add_argument(
+        "--baseline-reps", type=int, default=100, help="repetitions of the in-process baseline, per stack"
+    )
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (few repetitions)")
     parser.add_argument("--profile", action="store_true", help="also print cProfile summaries (1x16)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
+    args.sections = args.sections or list(SECTIONS)
     if args.quick:
         args.budget, args.warmup, args.min_reps, args.max_reps = 0.3, 3, 10, 50
+        args.service_warmup, args.sequential, args.clients, args.per_client = 2, 10, 4, 3
+        args.baseline_reps = 10
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    began = time.perf_counter()
+    report: dict[str, Any] = {}
+    if "tracing" in args.sections:
+        report.update(tracing(args))
+    if "service" in args.sections:
+        service_began = time.perf_counter()
+        report["service"] = bench_service.run(args)
+        print(f"(service section: {time.perf_counter() - service_began:.0f} s)")
+    if len(args.sections) > 1:
+        print(f"(all sections: {time.perf_counter() - began:.0f} s)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def tracing(args: argparse.Namespace) -> dict[str, Any]:
+    """The tracing section: ndif vs nnsight tables, the engine and the wire format."""
     import nnsight
 
     import ndif
@@ -546,33 +598,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(nd, ns, sizes[0], rows)
 
-        if args.json is not None:
-            report = {
-                "ndif": ndif.__version__,
-                "nnsight": nnsight.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "threads": torch.get_num_threads(),
-                "ndif_tensor_save_removed": unshadowed,
-                "settings": {
-                    "budget_s": args.budget,
-                    "warmup": args.warmup,
-                    "min_reps": args.min_reps,
-                    "max_reps": args.max_reps,
-                },
-                "cases": results,
-                "per_module": modules,
-                "clock": args.clock,
-                "ndif_not_below_nnsight": losses,
-                f"ndif_not_below_nnsight_{other}": other_losses,
-                "per_module_not_below_nnsight": module_losses,
-                "engine_per_access": engine_rows,
-                "wire": wire_rows,
-            }
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
-            print(f"wrote {args.json}")
-    return 0
+        report = {
+            "ndif": ndif.__version__,
+            "nnsight": nnsight.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "ndif_tensor_save_removed": unshadowed,
+            "settings": {
+                "budget_s": args.budget,
+                "warmup": args.warmup,
+                "min_reps": args.min_reps,
+                "max_reps": args.max_reps,
+            },
+            "cases": results,
+            "per_module": modules,
+            "clock": args.clock,
+            "ndif_not_below_nnsight": losses,
+            f"ndif_not_below_nnsight_{other}": other_losses,
+            "per_module_not_below_nnsight": module_losses,
+            "engine_per_access": engine_rows,
+            "wire": wire_rows,
+        }
+    return report
 
 
 if __name__ == "__main__":

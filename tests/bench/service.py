@@ -229,7 +229,6 @@ def production_missing() -> str | None:
 def stack(kind: str, root: Path, model_path: Path) -> Iterator[Any]:
     """A running stack of ``kind`` (embedded or production); stopped on exit."""
     from ndif_scheduler.stack import EmbeddedStack
-
     from tests.integration.services import free_port, postgres_database, production_env, seaweedfs
 
     with ExitStack() as stack_:
@@ -322,7 +321,7 @@ def run_stack(kind: str, model: Any, model_path: Path, root: Path, args: Any) ->
         up = time.perf_counter() - started
         print(f"  {kind} stack up in {up:.0f} s", file=sys.stderr)
         base = baseline(model, args.baseline_reps)
-        samples, equal = sequential(model, running, args.sequential, args.warmup)
+        samples, equal = sequential(model, running, args.sequential, args.service_warmup)
         print(f"  {kind}: {len(samples)} sequential jobs", file=sys.stderr)
         loaded, wall, errors = under_load(model, running, args.clients, args.per_client)
         print(f"  {kind}: {len(loaded)} jobs from {args.clients} clients in {wall:.1f} s", file=sys.stderr)
@@ -446,7 +445,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     print()
     print(
         f"Service end to end: a tiny trace (save lm_head's output) on the tiny Llama, submit→result on the "
-        f"client's clock. {args.warmup} warm-up runs, {args.sequential} sequential runs, then {args.clients} "
+        f"client's clock. {args.service_warmup} warm-up runs, {args.sequential} sequential runs, then {args.clients} "
         f"client threads x {args.per_client} traces. Deployment: 1 replica, max_concurrency {MAX_CONCURRENCY}, "
         f"{TORCH_THREADS} torch thread; dispatchers: 1 interactive (16 threads), 1 batch."
     )

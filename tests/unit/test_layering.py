@@ -47,3 +47,32 @@ def test_researcher_install_declares_light_dependencies_only():
         dependencies = tomllib.loads(project.read_text())["project"]["dependencies"]
         names = {dependency.split(">")[0].split("=")[0].split("<")[0].strip().lower() for dependency in dependencies}
         assert not (names & set(SERVER_ONLY)), project
+
+
+def _module_imports(folder: Path) -> set[str]:
+    """Dotted module names imported under ``folder`` (absolute imports only)."""
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+    return found
+
+
+def test_scheduler_imports_neither_vllm_nor_the_workers():
+    imports = _module_imports(ROOT / "scheduler")
+    assert not {name for name in imports if name.split(".")[0] in ("vllm", "ndif_workers", "ndif_sdk")}
+
+
+def test_workers_use_only_the_schedulers_settings_storage_and_registry():
+    used = {name for name in _module_imports(ROOT / "workers") if name.startswith("ndif_scheduler")}
+    assert used <= {"ndif_scheduler.config", "ndif_scheduler.storage", "ndif_scheduler.registry"}, used
+
+
+def test_published_openapi_spec_is_current():
+    from ndif_scheduler.cli import openapi_spec
+
+    published = (ROOT / "docs" / "openapi.json").read_text()
+    assert published == openapi_spec() + "\n", "regenerate with: ndif-server openapi --out docs/openapi.json"
