@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     presign_ttl_s: float = 300
     lease_s: float = 30.0
     requeue_after_s: float = 900.0
+    broker_visibility_s: float = 60.0
     heartbeat_s: float = 2.0
     max_attempts: int = 3
     actor_wait_s: float = 300.0  # how long a job waits for a (re)starting model replica
@@ -86,9 +87,10 @@ class Settings(BaseSettings):
 
     def broker_options(self) -> dict[str, Any]:
         if self.broker_url:
-            # Unacknowledged messages come back after this long (the dispatcher's own
-            # leases recover jobs much sooner; this is the broker's last resort).
-            return {"visibility_timeout": 3600}
+            # Redis gives a message that was taken but not acknowledged (its dispatcher
+            # was killed) back after this long. A job still running when its message
+            # comes back is not run again: the claim finds it no longer QUEUED.
+            return {"visibility_timeout": self.broker_visibility_s}
         folder = self.state_dir / "broker"
         for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,11 @@ class Dispatcher:
         from .queue import app, enqueue
 
         service = self.service
+        try:
+            self._ray()  # connected before the claim: connecting must not eat into the job's lease
+        except Exception as error:
+            log.warning("Ray is not reachable yet (%s); the job stays queued", error)
+            raise
         with service.sessions() as session:
             job = session.get(Job, job_id)
             if job is None or job.status != Status.QUEUED:
@@ -120,9 +125,9 @@ class Dispatcher:
             session.commit()
         if not claimed:
             return
-        self._attempt(job_id, attempt, deployment)
+        self._attempt(job_id, attempt, deployment, job.lane)
 
-    def _attempt(self, job_id: str, attempt: int, deployment: Any) -> None:
+    def _attempt(self, job_id: str, attempt: int, deployment: Any, lane: str = "interactive") -> None:
         name = deployment.actor_name(next(self._turns) % deployment.replicas)
         try:
             actor = self._actor(name)
@@ -152,7 +157,8 @@ class Dispatcher:
         if not started:
             return  # cancelled in the meantime
         try:
-            outcome = self._wait(job_id, attempt, actor.run.remote(job_id), actor)
+            call = actor.run.options(concurrency_group=lane).remote(job_id)
+            outcome = self._wait(job_id, attempt, call, actor)
         except Exception as error:
             log.warning("job %s attempt %d on %s failed: %s", job_id, attempt, name, error)
             self._actors.pop(name, None)
@@ -168,12 +174,14 @@ class Dispatcher:
         job's failure: the job waits for it, up to ``actor_wait_s``.
         """
         ray = self._ray()
-        deadline = time.monotonic() + self.settings.actor_wait_s
+        started = time.monotonic()
+        deadline = started + self.settings.actor_wait_s
         while True:
             try:
                 ray.get(actor.health.remote(), timeout=2.0)
                 return True
             except Exception as error:
+                log.warning("job %s: replica not ready after %.1f s (%s)", job_id, time.monotonic() - started, error)
                 if "ActorDied" in type(error).__name__ or time.monotonic() > deadline:
                     return False
             with self.service.sessions() as session:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 
 from .service import Service, get_service
 
@@ -49,6 +50,22 @@ def enqueue(celery: Celery, service: Service, job_id: str, deployment_key: str, 
     if delay:
         options["countdown"] = delay
     celery.send_task(RUN_JOB, args=[job_id], **options)
+
+
+@worker_ready.connect
+def _connect_ray(**_: Any) -> None:
+    """Dispatchers connect to Ray and to every replica as they start, not on their first job."""
+    import threading
+
+    from .dispatch import Dispatcher
+
+    def connect() -> None:
+        try:
+            Dispatcher.get().refresh_deployments()  # connects, finds each replica, asks its health
+        except Exception:  # retried by the first job, which reports it
+            pass
+
+    threading.Thread(target=connect, name="ndif-ray-connect", daemon=True).start()
 
 
 @app.task(name=RUN_JOB, acks_late=True)

@@ -10,7 +10,8 @@ A TOML file with one ``[[deployments]]`` table per deployment::
     dtype = "float32"
     device = "cpu"                # or "cuda", "cuda:1"
     replicas = 1
-    max_concurrency = 4           # jobs in flight per replica
+    max_concurrency = 4           # interactive jobs in flight per replica
+    batch_concurrency = 2         # batch-experiment jobs in flight per replica (their own slots)
     tensor_parallel_size = 1
     num_gpus = 0
     torch_threads = 0             # 0: torch's default
@@ -39,6 +40,7 @@ class Deployment:
     device: str = "cpu"
     replicas: int = 1
     max_concurrency: int = 4
+    batch_concurrency: int = 0  # 0: as many as max_concurrency
     tensor_parallel_size: int = 1
     num_gpus: float = 0
     num_cpus: float = 0
@@ -57,6 +59,10 @@ class Deployment:
         if os.path.isabs(self.path):
             names.add(os.path.realpath(self.path))
         return names
+
+    def lanes(self) -> dict[str, int]:
+        """Each lane's own slots in a replica: batch jobs never take an interactive one."""
+        return {"interactive": self.max_concurrency, "batch": self.batch_concurrency or self.max_concurrency}
 
     def actor_name(self, replica: int) -> str:
         return f"{self.key}#{replica}"

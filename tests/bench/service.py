@@ -58,6 +58,8 @@ WARMUP = 5
 SEQUENTIAL = 100
 CLIENTS = 32
 PER_CLIENT = 10
+#: No client starts a trace this long after the load began (a stalling service still ends the run).
+LOAD_DEADLINE_S = 60.0
 #: The deployment's jobs in flight at once (Ray actor threads), and its torch threads.
 MAX_CONCURRENCY = 8
 TORCH_THREADS = 1
@@ -156,11 +158,9 @@ def summarize(samples: list[Sample], wall: float | None = None) -> dict[str, Any
     models = [s.model * 1e3 for s in samples if s.model is not None]
     services = [s.service * 1e3 for s in samples if s.service is not None]
     shares = [s.service / s.total for s in samples if s.service is not None]
-    phases = {
-        name: statistics.median(s.phases[name] * 1e3 for s in samples if s.phases)
-        for name, _ in PHASES
-        if any(s.phases for s in samples)
-    }
+    split = [s.phases for s in samples if s.phases]
+    phases = {name: statistics.fmean(p[name] * 1e3 for p in split) for name, _ in PHASES} if split else {}
+    phase_medians = {name: statistics.median(p[name] * 1e3 for p in split) for name, _ in PHASES} if split else {}
     row = {
         "jobs": len(samples),
         "p50_ms": percentile(totals, 50),
@@ -171,7 +171,8 @@ def summarize(samples: list[Sample], wall: float | None = None) -> dict[str, Any
         "service_ms": statistics.median(services) if services else None,
         "service_mean_ms": statistics.fmean(services) if services else None,
         "service_share": statistics.fmean(shares) if shares else None,
-        "phases_ms": phases,
+        "phases_mean_ms": phases,
+        "phases_median_ms": phase_medians,
     }
     if wall is not None:
         row["wall_s"] = wall
@@ -282,28 +283,40 @@ def sequential(model: Any, running: Any, runs: int, warmup: int) -> tuple[list[S
         client.close()
 
 
-def under_load(model: Any, running: Any, clients: int, per_client: int) -> tuple[list[Sample], float, list[str]]:
-    """``clients`` threads, each its own client and key, ``per_client`` traces back to back."""
+def under_load(
+    model: Any, running: Any, clients: int, per_client: int, deadline_s: float
+) -> tuple[list[Sample], float, list[tuple[str, float]]]:
+    """``clients`` threads, each its own client and key, ``per_client`` traces back to back.
+
+    A failed trace is recorded (its error and how long it took) and the client goes on.
+    No client starts a trace after ``deadline_s``, nor once as many traces failed as there
+    are clients: a stalling or failing service still ends the run in bounded time.
+    """
     from ndif_sdk.backend import RemoteBackend
 
     handles = [new_client(running, f"bench client {index}") for index in range(clients)]
     samples: list[list[Sample]] = [[] for _ in handles]
-    errors: list[str] = []
+    errors: list[tuple[str, float]] = []
     start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
 
     def work(index: int) -> None:
         backend = RemoteBackend(handles[index])
         start.wait()
-        try:
-            for _ in range(per_client):
+        for _ in range(per_client):
+            if time.perf_counter() > stop_at[0] or len(errors) >= clients:
+                break  # past the deadline, or the service is failing: as many errors as clients
+            began = time.perf_counter()
+            try:
                 samples[index].append(timed_run(model, backend)[0])
-        except Exception as error:  # reported, not raised: the other threads go on
-            errors.append(f"client {index}: {type(error).__name__}: {error}")
+            except Exception as error:  # recorded, not raised: the load goes on
+                errors.append((f"{type(error).__name__}: {error}", time.perf_counter() - began))
 
     threads = [threading.Thread(target=work, args=(index,), daemon=True) for index in range(clients)]
     try:
         for thread in threads:
             thread.start()
+        stop_at[0] = time.perf_counter() + deadline_s
         start.wait()
         began = time.perf_counter()
         for thread in threads:
@@ -323,8 +336,11 @@ def run_stack(kind: str, model: Any, model_path: Path, root: Path, args: Any) ->
         base = baseline(model, args.baseline_reps)
         samples, equal = sequential(model, running, args.sequential, args.service_warmup)
         print(f"  {kind}: {len(samples)} sequential jobs", file=sys.stderr)
-        loaded, wall, errors = under_load(model, running, args.clients, args.per_client)
-        print(f"  {kind}: {len(loaded)} jobs from {args.clients} clients in {wall:.1f} s", file=sys.stderr)
+        loaded, wall, errors = under_load(model, running, args.clients, args.per_client, LOAD_DEADLINE_S)
+        print(
+            f"  {kind}: {len(loaded)} jobs ({len(errors)} failed) from {args.clients} clients in {wall:.1f} s",
+            file=sys.stderr,
+        )
     return {
         "stack": kind,
         "startup_s": up,
@@ -332,7 +348,7 @@ def run_stack(kind: str, model: Any, model_path: Path, root: Path, args: Any) ->
         "baseline": base,
         "sequential": summarize(samples),
         "load": summarize(loaded, wall) if loaded else None,
-        "load_errors": errors,
+        "load_errors": [{"error": message, "seconds": seconds} for message, seconds in errors],
         "seconds": time.perf_counter() - started,
     }
 
@@ -394,16 +410,25 @@ def print_stack(result: dict[str, Any], args: Any) -> None:
         f"sequential p50 / remote=local: {result['sequential']['p50_ms'] / base['simulated_ms']:.1f}x, "
         f"/ plain local: {result['sequential']['p50_ms'] / base['local_ms']:.1f}x"
     )
-    phase_rows = [("phase (median ms)", *(name for name, _ in PHASES))]
+    phase_rows = [("phase, mean ms", *(name for name, _ in PHASES), "sum")]
     for label, row in rows:
-        if row["phases_ms"]:
-            phase_rows.append((label, *(f"{row['phases_ms'][name]:.1f}" for name, _ in PHASES)))
+        if row["phases_mean_ms"]:
+            means = row["phases_mean_ms"]
+            cells = [f"{means[name]:.1f}" for name, _ in PHASES]
+            phase_rows.append((label, *cells, f"{sum(means.values()):.1f}"))
     if len(phase_rows) > 1:
         _print_columns(phase_rows)
     if not result["values_equal_local"]:
         print("values check: the remote logits differ from the local ones")
-    for error in result["load_errors"][:5]:
-        print(f"error under load: {error}")
+    errors = result["load_errors"]
+    if errors:
+        kinds: dict[str, list[float]] = {}
+        for error in errors:
+            kinds.setdefault(error["error"], []).append(error["seconds"])
+        attempted = len(errors) + (result["load"]["jobs"] if result["load"] else 0)
+        print(f"FAILED under load: {len(errors)} of {attempted} traces raised:")
+        for message, seconds in sorted(kinds.items(), key=lambda item: -len(item[1])):
+            print(f"  {len(seconds)} x {message} (after {statistics.median(seconds):.1f} s, median)")
 
 
 def print_comparison(results: list[dict[str, Any]]) -> None:
@@ -417,13 +442,19 @@ def print_comparison(results: list[dict[str, Any]]) -> None:
         f"{emb['sequential']['p50_ms']:.1f} ms (production/embedded {prod['sequential']['p50_ms'] / emb['sequential']['p50_ms']:.2f}), "
         f"p99 {prod['sequential']['p99_ms']:.1f} vs {emb['sequential']['p99_ms']:.1f} ms"
     )
+    loads = []
+    for result in (prod, emb):
+        load, failed = result["load"], len(result["load_errors"])
+        done = load["jobs"] if load else 0
+        rate = f"{load['jobs_per_s']:.1f} jobs/s" if load else "no job completed"
+        loads.append(f"{result['stack']} {rate} ({done} completed, {failed} failed)")
+    line = f"  under load: {'; '.join(loads)}"
     if emb["load"] and prod["load"]:
-        print(
-            f"  throughput with {emb['load']['jobs']} jobs: {prod['load']['jobs_per_s']:.1f} vs "
-            f"{emb['load']['jobs_per_s']:.1f} jobs/s (production/embedded "
-            f"{prod['load']['jobs_per_s'] / emb['load']['jobs_per_s']:.2f}); p50 under load "
-            f"{prod['load']['p50_ms']:.0f} vs {emb['load']['p50_ms']:.0f} ms"
+        line += (
+            f"; throughput production/embedded {prod['load']['jobs_per_s'] / emb['load']['jobs_per_s']:.1f}, "
+            f"p50 under load {prod['load']['p50_ms']:.0f} vs {emb['load']['p50_ms']:.0f} ms"
         )
+    print(line)
 
 
 def run(args: Any) -> list[dict[str, Any]]:

@@ -57,6 +57,7 @@ def write_registry(folder: Path, model_path: Path, max_concurrency: int = 4) -> 
         f'path = "{model_path}"\n'
         "torch_threads = 1\n"
         f"max_concurrency = {max_concurrency}\n"
+        "batch_concurrency = 2\n"
     )
     return registry
 
@@ -68,6 +69,7 @@ TEST_SETTINGS = {
     "NDIF_JOB_TIME_S": "10",
     "NDIF_MAX_REQUEST_BYTES": str(8 << 20),
     "NDIF_MAX_ATTEMPTS": "3",
+    "NDIF_BROKER_VISIBILITY_S": "5",
 }
 
 

@@ -283,3 +283,30 @@ def test_malformed_oversized_and_hostile_requests(production_stack, llama):
     with llama.trace(PROMPT):
         local = llama.lm_head.output.save()
     assert torch.equal(logits, local)
+
+
+def test_interactive_traces_are_not_starved_by_a_batch(production_stack, llama):
+    client = production_stack.client("busy-researcher", quota_running=50)
+    remote = production_stack.remote(client)
+    with ndif_sdk.Batch("long sweep", client=client) as batch:
+        for index in range(8):
+            with llama.trace("slow", remote=batch):
+                total = 0
+                for i in range(4_000_000):
+                    total = total + 1
+                out = ndif.save(total + index)
+    deadline = time.monotonic() + 60
+    while batch.progress()[0].get("RUNNING", 0) < 2:  # the batch lane's slots are full
+        assert time.monotonic() < deadline, batch.info
+        time.sleep(0.1)
+    started = time.monotonic()
+    with llama.trace(PROMPT, remote=remote) as tracer:
+        logits = llama.lm_head.output.save()
+    waited = time.monotonic() - started
+    trail = [(e["to_status"], e["at"]) for e in client.job(tracer.job.id)["events"]]
+    counts, share = batch.progress()
+    assert share < 1.0, f"the interactive trace waited {waited:.1f} s, until the batch had finished: {counts}"
+    assert batch.wait(timeout=180, progress=False) == {"COMPLETED": 8}
+    shortest = min(job.info["timings"]["run"] for job in batch.jobs())
+    # It did not wait for even one batch item to make room.
+    assert waited < shortest, f"waited {waited:.2f} s; the shortest batch item ran {shortest:.2f} s; {trail}"

@@ -31,6 +31,10 @@ class Method:
         self.calls: list[tuple] = []
         self.on_call = on_call
 
+    def options(self, **options: Any) -> Method:
+        self.options_seen = options
+        return self
+
     def remote(self, *args: Any) -> tuple:
         self.calls.append(args)
         if self.on_call is not None:

@@ -37,7 +37,7 @@ def actor_options(deployment: Deployment, replica: int, namespace: str, detached
     options: dict[str, Any] = {
         "name": deployment.actor_name(replica),
         "namespace": namespace,
-        "max_concurrency": deployment.max_concurrency,
+        "max_concurrency": 4,  # the default group: health and cancel calls, never behind jobs
         "max_restarts": -1,  # a dead replica comes back (its calls in flight fail; dispatchers retry)
         "max_task_retries": 0,
         "num_cpus": deployment.num_cpus,
@@ -51,10 +51,12 @@ def actor_options(deployment: Deployment, replica: int, namespace: str, detached
 
 def start_actors(registry: Registry, settings: Settings, detached: bool) -> dict[str, Any]:
     """Create (or find) every replica's actor and wait until each has loaded its model."""
-    remote_class = ray.remote(ModelActor)
     settings_data = actor_settings(settings)
     actors = {}
     for deployment in registry.deployments:
+        # One concurrency group per lane: a batch experiment filling its slots never
+        # makes an interactive trace wait behind it.
+        remote_class = ray.remote(concurrency_groups=deployment.lanes())(ModelActor)
         for replica in range(deployment.replicas):
             options = actor_options(deployment, replica, settings.ray_namespace, detached)
             actors[options["name"]] = remote_class.options(**options).remote(deployment.to_dict(), settings_data)
