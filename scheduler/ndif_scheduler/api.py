@@ -53,6 +53,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _binary_body(media_type: str, description: str) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads raw bytes of ``media_type``."""
+    schema = {"type": "string", "format": "binary"}
+    return {"requestBody": {"required": True, "description": description, "content": {media_type: {"schema": schema}}}}
+
+
 class ApiError(HTTPException):
     """An error response with a `Problem` body (and an `ErrorView` for errors in user code)."""
 
@@ -233,13 +239,9 @@ def create_app(service: Service | None = None) -> FastAPI:
         response_model=JobView,
         responses=ERRORS,
         tags=["jobs"],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "description": "One encoded request (wire format v1: zstd-compressed MessagePack).",
-                "content": {REQUEST_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
-            }
-        },
+        openapi_extra=_binary_body(
+            REQUEST_MEDIA_TYPE, "One encoded request (wire format v1: zstd-compressed MessagePack)."
+        ),
     )
     async def submit_job(
         request: Request,
@@ -370,13 +372,9 @@ def create_app(service: Service | None = None) -> FastAPI:
         response_model=BatchView,
         responses=ERRORS,
         tags=["batches"],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "description": "A batch: MessagePack {protocol, name, items: [encoded request, ...]}.",
-                "content": {BATCH_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
-            }
-        },
+        openapi_extra=_binary_body(
+            BATCH_MEDIA_TYPE, "A batch: MessagePack {protocol, name, items: [encoded request, ...]}."
+        ),
     )
     async def submit_batch(request: Request, key: Caller) -> BatchView:
         """Submit many traces as one batch experiment (all accepted, or none)."""
