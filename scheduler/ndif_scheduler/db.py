@@ -149,7 +149,9 @@ def create_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa_create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa_create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=30
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -160,7 +162,7 @@ def create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return sa_create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return sa_create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30)
 
 
 def session_factory(engine: Engine) -> sessionmaker:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from datetime import timedelta
@@ -35,6 +36,8 @@ from .store import count_by_status, expired_leases, transition
 log = logging.getLogger("ndif.dispatch")
 
 INFRASTRUCTURE = "infrastructure"
+#: A replica that answered within this many seconds is taken as ready without asking again.
+READY_FOR_S = 5.0
 
 
 class Dispatcher:
@@ -47,6 +50,7 @@ class Dispatcher:
         self._ray_lock = threading.Lock()
         self._ray_ready = False
         self._actors: dict[str, Any] = {}
+        self._answered: dict[str, float] = {}  # replica -> when it last answered (monotonic)
         self._turns = itertools.count()
 
     @classmethod
@@ -134,7 +138,7 @@ class Dispatcher:
         except Exception as error:  # Ray unreachable, or the replica not up (yet)
             self._retry_or_fail(job_id, attempt, f"no model worker for {deployment.key!r} answered ({error})")
             return
-        ready = self._await_ready(job_id, attempt, actor)
+        ready = self._await_ready(job_id, attempt, actor, name)
         if ready is None:
             return  # the job moved on meanwhile (cancelled)
         if not ready:
@@ -162,12 +166,13 @@ class Dispatcher:
         except Exception as error:
             log.warning("job %s attempt %d on %s failed: %s", job_id, attempt, name, error)
             self._actors.pop(name, None)
+            self._answered.pop(name, None)
             self._retry_or_fail(job_id, attempt, _infrastructure_message(error, name))
             return
         if outcome is not None:
             self._record(job_id, attempt, outcome)
 
-    def _await_ready(self, job_id: str, attempt: int, actor: Any) -> bool | None:
+    def _await_ready(self, job_id: str, attempt: int, actor: Any, name: str = "") -> bool | None:
         """Wait while the replica (re)starts, keeping the job's lease; None if the job moved on.
 
         A replica that is restarting (after a crash, its model loading again) is not the
@@ -175,10 +180,13 @@ class Dispatcher:
         """
         ray = self._ray()
         started = time.monotonic()
+        if started - self._answered.get(name, -math.inf) < READY_FOR_S:
+            return True  # it answered a moment ago: no need to ask before every job
         deadline = started + self.settings.actor_wait_s
         while True:
             try:
                 ray.get(actor.health.remote(), timeout=2.0)
+                self._answered[name] = time.monotonic()
                 return True
             except Exception as error:
                 log.warning("job %s: replica not ready after %.1f s (%s)", job_id, time.monotonic() - started, error)
@@ -374,11 +382,14 @@ class Dispatcher:
                 for replica in range(deployment.replicas):
                     if ray is None:
                         break
+                    name = deployment.actor_name(replica)
                     try:
-                        actor = self._actor(deployment.actor_name(replica), fresh=True)
+                        actor = self._actor(name, fresh=True)
                         health = ray.get(actor.health.remote(), timeout=2.0)
                     except Exception:
+                        self._answered.pop(name, None)
                         continue
+                    self._answered[name] = time.monotonic()
                     ready += 1
                     in_flight += health["in_flight"]
                 state = "ready" if ready == deployment.replicas else ("degraded" if ready else "down")

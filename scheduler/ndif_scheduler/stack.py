@@ -48,7 +48,11 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 class EmbeddedStack:
-    """Start with ``with EmbeddedStack(registry, state_dir) as stack:``; ``stack.url``, ``stack.admin_key``."""
+    """Start with ``with EmbeddedStack(registry, state_dir) as stack:``; ``stack.url``, ``stack.admin_key``.
+
+    ``env`` overrides settings; ``inherit_settings=False`` ignores this process's own
+    ``NDIF_*`` variables (the stack is then exactly what ``env`` says).
+    """
 
     def __init__(
         self,
@@ -58,13 +62,15 @@ class EmbeddedStack:
         env: dict[str, str] | None = None,
         dispatchers: dict[str, int] | None = None,
         separate_beat: bool = False,
+        inherit_settings: bool = True,
     ) -> None:
         self.registry = Path(registry).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        inherited = {key: value for key, value in os.environ.items() if inherit_settings or not key.startswith("NDIF_")}
         self.env = {
-            **os.environ,
+            **inherited,
             **(env or {}),
             "NDIF_STATE_DIR": str(self.state_dir),
             "NDIF_REGISTRY": str(self.registry),

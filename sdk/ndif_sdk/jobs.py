@@ -73,7 +73,8 @@ class Job:
                 remaining = 20.0 if deadline is None else min(20.0, deadline - time.monotonic())
                 if remaining <= 0:
                     break
-                status = self.refresh(wait=remaining, after=status)["status"]
+                # With a display, return at every change to show it; else only at the end.
+                status = self.refresh(wait=remaining, after=status if display else None)["status"]
                 if display:
                     display.update(status)
         finally:

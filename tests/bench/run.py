@@ -49,6 +49,7 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -477,7 +478,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.sections if name not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s): {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
-    args.sections = args.sections or list(SECTIONS)
+    args.sections = list(dict.fromkeys(args.sections)) or list(SECTIONS)
+    if min(args.sequential, args.clients, args.per_client) < 1 or args.service_warmup < 0:
+        parser.error("--sequential, --clients and --per-client must be at least 1, --service-warmup at least 0")
     if args.quick:
         args.budget, args.warmup, args.min_reps, args.max_reps = 0.3, 3, 10, 50
         args.service_warmup, args.sequential, args.clients, args.per_client = 2, 10, 4, 3
@@ -490,18 +493,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     began = time.perf_counter()
     report: dict[str, Any] = {}
-    if "tracing" in args.sections:
-        report.update(tracing(args))
-    if "service" in args.sections:
-        service_began = time.perf_counter()
-        report["service"] = bench_service.run(args)
-        print(f"(service section: {time.perf_counter() - service_began:.0f} s)")
+    failed = []
+    # A section that fails is reported and the next one still runs (its numbers are not lost).
+    for section in args.sections:
+        section_began = time.perf_counter()
+        try:
+            if section == "tracing":
+                report.update(tracing(args))
+            elif section == "service":
+                report["service"] = bench_service.run(args)
+                print(f"(service section: {time.perf_counter() - section_began:.0f} s)")
+                if any("error" in result for result in report["service"]):
+                    failed.append(section)
+        except Exception:
+            traceback.print_exc()
+            print(f"\nthe {section} section FAILED after {time.perf_counter() - section_began:.0f} s (traceback above)")
+            failed.append(section)
     if len(args.sections) > 1:
         print(f"(all sections: {time.perf_counter() - began:.0f} s)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
+    if failed:
+        print(f"failed section(s): {', '.join(failed)}")
+        return 1
     return 0
 
 

@@ -29,6 +29,17 @@ machine's clock) split the rest into phases.
   plain (no ``remote``) and with ``remote="local"`` (wire format and sandbox, in
   process), interleaved by `tests.bench.timing.measure`.
 
+Around the sequential and the loaded runs the bench also reads, from ``/proc``, the CPU
+time each part used (this client; the API; the dispatchers and beat; the model workers
+with Ray's processes; PostgreSQL, Redis, SeaweedFS; the rest of the machine as
+``other``), per job, and from the API's ``/metrics`` the requests it served per job.
+CPU per job includes what a part does while idle (Ray's and Celery's own polling), so
+on the slow embedded stack it is mostly background work spread over few jobs.
+
+Under load a trace that fails is counted and its client goes on; the run stops early
+once as many traces failed as there are clients (or after ``LOAD_DEADLINE_S``). A stack
+that fails to start is reported and the other one still runs.
+
 The client, every process of the stack and Ray share this machine's cores: on a small
 machine the numbers under load measure CPU contention as much as the service.
 """
@@ -42,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -238,9 +250,23 @@ def stack(kind: str, root: Path, model_path: Path) -> Iterator[Any]:
             s3 = stack_.enter_context(seaweedfs(root / "seaweedfs"))
             database = stack_.enter_context(postgres_database())
             env = production_env(database, s3)
+            stack_.callback(_forget_queues, env["NDIF_BROKER_URL"], env["NDIF_QUEUE_PREFIX"])
         with _without_ndif_env():
             running = EmbeddedStack(write_registry(root, model_path), root / "state", port=free_port(), env=env)
         yield stack_.enter_context(running)
+
+
+def _forget_queues(broker_url: str, prefix: str) -> None:
+    """Delete this run's queues and bindings from Redis (the stack leaves them behind)."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def new_client(running: Any, name: str) -> Any:
@@ -252,6 +278,105 @@ def new_client(running: Any, name: str) -> Any:
     finally:
         admin.close()
     return ndif_sdk.Client(running.url, key, timeout=120)
+
+
+# -- where the CPU goes -----------------------------------------------------------------------
+
+#: Processes outside the stack's own, by their command name.
+SERVICES = {"postgres": "PostgreSQL", "redis-server": "Redis", "weed": "SeaweedFS"}
+CLIENT = "client (this process)"
+
+
+def _processes() -> Iterator[tuple[int, str, int, float]]:
+    """(pid, command, session id, CPU seconds with reaped children) of every process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # gone meanwhile
+        end = stat.rindex(")")
+        fields = stat[end + 2 :].split()
+        # fields[0] is field 3 of proc(5): state; session is field 6, utime..cstime fields 14-17.
+        seconds = sum(int(value) for value in fields[11:15]) / tick
+        yield int(entry.name), stat[stat.index("(") + 1 : end], int(fields[3]), seconds
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(running: Any) -> dict[str, float] | None:
+    """CPU seconds so far per part: this client, each of the stack's processes (with
+    their children: Ray's raylet, GCS and actor workers share the model workers'
+    session), PostgreSQL, Redis, SeaweedFS, and the machine as a whole."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    sessions = {}
+    for name, process in running.processes.items():
+        if name == "api":
+            sessions[process.pid] = "API"
+        elif name == "model-workers":
+            sessions[process.pid] = "Ray + model actor"
+        else:
+            sessions[process.pid] = "dispatchers"  # dispatchers and beat
+    parts: dict[str, float] = {}
+    me = os.getpid()
+    for pid, command, session, seconds in _processes():
+        part = CLIENT if pid == me else sessions.get(session) or SERVICES.get(command)
+        if part is not None:
+            parts[part] = parts.get(part, 0.0) + seconds
+    parts["machine"] = _machine_busy()
+    return parts
+
+
+def cpu_used(before: dict[str, float] | None, after: dict[str, float] | None, jobs: int, wall: float):
+    """CPU ms per job of each part between two snapshots; ``other`` is the rest of the
+    machine's busy time (processes outside this bench); ``busy`` the share of all cores."""
+    if before is None or after is None or jobs == 0:
+        return None
+    used = {part: after[part] - before.get(part, 0.0) for part in after}
+    machine = used.pop("machine")
+    per_job = {part: seconds * 1e3 / jobs for part, seconds in sorted(used.items(), key=lambda item: -item[1])}
+    per_job["other"] = max(machine - sum(used.values()), 0.0) * 1e3 / jobs
+    return {"ms_per_job": per_job, "busy": machine / (wall * (os.cpu_count() or 1))}
+
+
+def http_counts(running: Any) -> dict[str, float] | None:
+    """The API's own count of the requests it served, by method, route and (if not 2xx) code."""
+    import re
+
+    import httpx
+
+    try:
+        text = httpx.get(f"{running.url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("ndif_http_requests_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+        if labels.get("route") == "/metrics":
+            continue
+        code = labels.get("code", "")
+        name = f"{labels.get('method')} {labels.get('route')}" + ("" if code.startswith("2") else f" {code}")
+        counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def requests_per_job(before: dict[str, float] | None, after: dict[str, float] | None, jobs: int):
+    if before is None or after is None or jobs == 0:
+        return None
+    used = {name: (count - before.get(name, 0.0)) / jobs for name, count in after.items()}
+    return {name: value for name, value in used.items() if value > 0}
 
 
 # -- one stack --------------------------------------------------------------------------------
@@ -267,7 +392,7 @@ def baseline(model: Any, reps: int) -> dict[str, float]:
     }
 
 
-def sequential(model: Any, running: Any, runs: int, warmup: int) -> tuple[list[Sample], bool]:
+def sequential(model: Any, running: Any, runs: int, warmup: int) -> tuple[list[Sample], bool, dict[str, Any]]:
     from ndif_sdk.backend import RemoteBackend
 
     client = new_client(running, "bench sequential")
@@ -278,14 +403,17 @@ def sequential(model: Any, running: Any, runs: int, warmup: int) -> tuple[list[S
         for _ in range(warmup):
             _, logits = timed_run(model, backend)
             equal = equal and torch.equal(logits, expected)
-        return [timed_run(model, backend)[0] for _ in range(runs)], equal
+        requests, before, began = http_counts(running), cpu_snapshot(running), time.perf_counter()
+        samples = [timed_run(model, backend)[0] for _ in range(runs)]
+        cpu = cpu_used(before, cpu_snapshot(running), len(samples), time.perf_counter() - began)
+        return samples, equal, {"cpu": cpu, "http": requests_per_job(requests, http_counts(running), len(samples))}
     finally:
         client.close()
 
 
 def under_load(
     model: Any, running: Any, clients: int, per_client: int, deadline_s: float
-) -> tuple[list[Sample], float, list[tuple[str, float]]]:
+) -> tuple[list[Sample], float, list[tuple[str, float]], dict[str, Any]]:
     """``clients`` threads, each its own client and key, ``per_client`` traces back to back.
 
     A failed trace is recorded (its error and how long it took) and the client goes on.
@@ -317,26 +445,35 @@ def under_load(
         for thread in threads:
             thread.start()
         stop_at[0] = time.perf_counter() + deadline_s
+        requests, before = http_counts(running), cpu_snapshot(running)
         start.wait()
         began = time.perf_counter()
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - began
+        after = cpu_snapshot(running)
     finally:
         for handle in handles:
             handle.close()
-    return [sample for per in samples for sample in per], wall, errors
+    done = [sample for per in samples for sample in per]
+    jobs = len(done) + len(errors)
+    counted = {
+        "cpu": cpu_used(before, after, jobs, wall),
+        "http": requests_per_job(requests, http_counts(running), jobs),
+    }
+    return done, wall, errors, counted
 
 
 def run_stack(kind: str, model: Any, model_path: Path, root: Path, args: Any) -> dict[str, Any]:
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with stack(kind, root / kind, model_path) as running:
         up = time.perf_counter() - started
         print(f"  {kind} stack up in {up:.0f} s", file=sys.stderr)
         base = baseline(model, args.baseline_reps)
-        samples, equal = sequential(model, running, args.sequential, args.service_warmup)
+        samples, equal, sequential_counts = sequential(model, running, args.sequential, args.service_warmup)
         print(f"  {kind}: {len(samples)} sequential jobs", file=sys.stderr)
-        loaded, wall, errors = under_load(model, running, args.clients, args.per_client, LOAD_DEADLINE_S)
+        loaded, wall, errors, load_counts = under_load(model, running, args.clients, args.per_client, LOAD_DEADLINE_S)
         print(
             f"  {kind}: {len(loaded)} jobs ({len(errors)} failed) from {args.clients} clients in {wall:.1f} s",
             file=sys.stderr,
@@ -344,11 +481,13 @@ def run_stack(kind: str, model: Any, model_path: Path, root: Path, args: Any) ->
     return {
         "stack": kind,
         "startup_s": up,
+        "loadavg_1min_before": load_before,
         "values_equal_local": equal,
         "baseline": base,
         "sequential": summarize(samples),
         "load": summarize(loaded, wall) if loaded else None,
         "load_errors": [{"error": message, "seconds": seconds} for message, seconds in errors],
+        "counts": {"sequential": sequential_counts, "load": load_counts},
         "seconds": time.perf_counter() - started,
     }
 
@@ -371,6 +510,7 @@ def print_stack(result: dict[str, Any], args: Any) -> None:
         (
             "run",
             "jobs",
+            "failed",
             "p50 ms",
             "p99 ms",
             "mean ms",
@@ -387,6 +527,7 @@ def print_stack(result: dict[str, Any], args: Any) -> None:
             (
                 label,
                 str(row["jobs"]),
+                str(len(result["load_errors"])) if label != "sequential" else "0",
                 _ms(row["p50_ms"]),
                 _ms(row["p99_ms"]),
                 _ms(row["mean_ms"]),
@@ -402,7 +543,10 @@ def print_stack(result: dict[str, Any], args: Any) -> None:
         "embedded": "SQLite, local-files broker, local object store",
         "production": "PostgreSQL, Redis, SeaweedFS (S3)",
     }[result["stack"]]
-    print(f"Service, {result['stack']} stack ({described}); up in {result['startup_s']:.0f} s.")
+    print(
+        f"Service, {result['stack']} stack ({described}); up in {result['startup_s']:.0f} s "
+        f"(1-minute load average before it started: {result['loadavg_1min_before']:.2f})."
+    )
     _print_columns(lines)
     print(
         f"baseline (this process, same run): plain local trace {base['local_ms']:.2f} ms, "
@@ -418,8 +562,23 @@ def print_stack(result: dict[str, Any], args: Any) -> None:
             phase_rows.append((label, *cells, f"{sum(means.values()):.1f}"))
     if len(phase_rows) > 1:
         _print_columns(phase_rows)
-    if not result["values_equal_local"]:
-        print("values check: the remote logits differ from the local ones")
+    counts = [(label, result["counts"][key]) for (label, _), key in zip(rows, ("sequential", "load"))]
+    cpu_rows = [(label, count["cpu"]) for label, count in counts if count["cpu"]]
+    if cpu_rows:
+        parts = list(dict.fromkeys(part for _, cpu in cpu_rows for part in cpu["ms_per_job"]))
+        lines = [("CPU ms per job", *parts, "cores busy")]
+        for label, cpu in cpu_rows:
+            cells = [f"{cpu['ms_per_job'].get(part, 0.0):.1f}" for part in parts]
+            lines.append((label, *cells, f"{cpu['busy'] * 100:.0f} %"))
+        _print_columns(lines)
+    for label, count in counts:
+        if count["http"]:
+            served = ", ".join(f"{name} {value:.2f}" for name, value in sorted(count["http"].items()))
+            print(f"HTTP requests per job ({label}), as the API counted them: {served}")
+    if result["values_equal_local"]:
+        print("values check: the warm-up jobs' logits equal the local trace's (bitwise)")
+    else:
+        print("values check: the remote logits DIFFER from the local trace's")
     errors = result["load_errors"]
     if errors:
         kinds: dict[str, list[float]] = {}
@@ -449,7 +608,9 @@ def print_comparison(results: list[dict[str, Any]]) -> None:
         rate = f"{load['jobs_per_s']:.1f} jobs/s" if load else "no job completed"
         loads.append(f"{result['stack']} {rate} ({done} completed, {failed} failed)")
     line = f"  under load: {'; '.join(loads)}"
-    if emb["load"] and prod["load"]:
+    if emb["load_errors"] or prod["load_errors"]:
+        line += "; not compared: a stack failed under load"
+    elif emb["load"] and prod["load"]:
         line += (
             f"; throughput production/embedded {prod['load']['jobs_per_s'] / emb['load']['jobs_per_s']:.1f}, "
             f"p50 under load {prod['load']['p50_ms']:.0f} vs {emb['load']['p50_ms']:.0f} ms"
@@ -485,9 +646,13 @@ def run(args: Any) -> list[dict[str, Any]]:
         "the model actor (and, for production, PostgreSQL, Redis and SeaweedFS)."
     )
     print(
-        "model = the actor's decode + run + encode (job timings); service = total - model; "
+        "model = the actor's decode (with the request's fetch from the object store) + run + encode "
+        "(job timings); service = total - model; "
         'p50/remote=local = p50 over the same trace with remote="local" in this process.'
     )
+    print("phases of a job (client clock at both ends, the service's status events between):")
+    for name, text in PHASES:
+        print(f"  {name:<7} {text}")
     results = []
     with tempfile.TemporaryDirectory(prefix="ndif-bench-service-") as directory:
         root = Path(directory)
@@ -500,9 +665,14 @@ def run(args: Any) -> list[dict[str, Any]]:
                 if missing:
                     print(f"\nService, production stack: skipped ({missing}).")
                     continue
-            result = run_stack(kind, model, model_path, root, args)
+            try:
+                result = run_stack(kind, model, model_path, root, args)
+            except Exception as error:  # the other stack's numbers still count
+                traceback.print_exc()
+                print(f"\nService, {kind} stack: FAILED ({type(error).__name__}: {error}).")
+                results.append({"stack": kind, "error": f"{type(error).__name__}: {error}"})
+                continue
             results.append(result)
             print_stack(result, args)
-        print_comparison(results)
-        print("phases: " + "; ".join(f"{name} = {text}" for name, text in PHASES))
+        print_comparison([result for result in results if "error" not in result])
     return results

@@ -352,14 +352,22 @@ def record(model: Any, data: Data, scenario: Scenario, reps: int, warmup: int) -
     original = ndif_remote.run_remote
 
     def timed_run_remote(
-        model: Any, remote: Any, kind: str, block: Any, frame: Any, inputs: tuple, kwargs: dict, tracer: Any = None
-    ) -> dict[str, Any]:
+        model: Any,
+        remote: Any,
+        kind: str,
+        block: Any,
+        frame: Any,
+        inputs: tuple,
+        kwargs: dict,
+        tracer: Any = None,
+        owner: Any = None,
+    ) -> dict[str, Any] | None:
         args = (model, kind, block, frame, inputs, kwargs, tracer)
         build = ndif_remote.build_request
         recorded.encode_us = _median_us(lambda: codec.encode_request(build(*args)), reps, warmup)
         stages = {"tree": lambda _: build(*args), "msgpack": msgspec.msgpack.encode, "zstd": _compress}
         recorded.stages = _staged(stages, None, reps, warmup)
-        return original(model, remote, kind, block, frame, inputs, kwargs, tracer)
+        return original(model, remote, kind, block, frame, inputs, kwargs, tracer, owner)
 
     ndif_remote.run_remote = timed_run_remote
     try:

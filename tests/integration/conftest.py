@@ -3,7 +3,6 @@ local Ray, with the API, dispatchers, beat and model actors as real processes.""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import ndif_sdk
 from ndif_scheduler.stack import EmbeddedStack
 from ndif_sdk.backend import RemoteBackend
 
-from .services import free_port, postgres_database, production_env, seaweedfs
+from .services import forget_queues, free_port, postgres_database, production_env, seaweedfs
 
 
 @dataclass
@@ -93,15 +92,15 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama_path):
             yield deployed
             for client in deployed.clients:
                 client.close()
+        forget_queues(env)
 
 
 @pytest.fixture(scope="session")
 def embedded_stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama_path):
     """The embedded stack: SQLite, a local-files broker, a local object store."""
     root = tmp_path_factory.mktemp("embedded-stack")
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("NDIF_")}
-    stack = EmbeddedStack(write_registry(root, Path(tiny_llama_path)), root / "state", port=free_port(), env={})
-    stack.env = {**clean, **{k: v for k, v in stack.env.items() if k.startswith(("NDIF_", "RAY_"))}}
+    registry = write_registry(root, Path(tiny_llama_path))
+    stack = EmbeddedStack(registry, root / "state", port=free_port(), inherit_settings=False)
     with stack:
         deployed = Deployed(stack, Path(tiny_llama_path))
         yield deployed

@@ -133,3 +133,15 @@ def production_env(database_url: str, s3_endpoint: str, redis_db: int = 9) -> di
         "NDIF_S3_SECRET_KEY": S3_SECRET,
         "NDIF_QUEUE_PREFIX": f"ndif-it-{uuid.uuid4().hex[:6]}",
     }
+
+
+def forget_queues(env: dict[str, str]) -> None:
+    """Delete the Redis keys of this run's queues (their names carry its random prefix)."""
+    import redis
+
+    client = redis.Redis.from_url(env["NDIF_BROKER_URL"])
+    prefix = env["NDIF_QUEUE_PREFIX"]
+    keys = [key for key in client.scan_iter(match="*") if prefix.encode() in key]
+    if keys:
+        client.delete(*keys)
+    client.close()
