@@ -28,7 +28,7 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default_factory=_default_state_dir, description="Embedded stack's files.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; SQLite under state_dir if unset.")
-    broker_url: str | None = Field(None, description="Celery broker; a local-files broker if unset.")
+    broker_url: str | None = Field(None, description="Celery broker; a local-files broker under state_dir if unset.")
     s3_endpoint: str | None = Field(None, description="S3 API endpoint; a local directory store if unset.")
     s3_public_endpoint: str | None = Field(
         None, description="The S3 endpoint as clients reach it, for download URLs (default: s3_endpoint)."
@@ -91,6 +91,8 @@ class Settings(BaseSettings):
             # was killed) back after this long. A job still running when its message
             # comes back is not run again: the claim finds it no longer QUEUED.
             return {"visibility_timeout": self.broker_visibility_s}
+        # Embedded: kombu's local-files transport. It polls every second (its default);
+        # polling faster lets a reader catch a message file half written (seen at 20 ms).
         folder = self.state_dir / "broker"
         for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,6 @@ class Settings(BaseSettings):
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
-            "polling_interval": 0.02,  # kombu's default (1 s) would add a second to every job
             "store_processed": False,
         }
 
