@@ -172,7 +172,7 @@ class Dispatcher:
         if outcome is not None:
             self._record(job_id, attempt, outcome)
 
-    def _await_ready(self, job_id: str, attempt: int, actor: Any, name: str = "") -> bool | None:
+    def _await_ready(self, job_id: str, attempt: int, actor: Any, name: str) -> bool | None:
         """Wait while the replica (re)starts, keeping the job's lease; None if the job moved on.
 
         A replica that is restarting (after a crash, its model loading again) is not the

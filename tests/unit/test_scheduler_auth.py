@@ -8,25 +8,16 @@ import pytest
 
 from ndif_scheduler.auth import PREFIX, authenticate, create_key, hash_key, revoke_key
 from ndif_scheduler.config import Settings
-from ndif_scheduler.db import ApiKey, Job, Status, create_engine, migrate, session_factory
+from ndif_scheduler.db import ApiKey, Job, Status
 from ndif_scheduler.quotas import QuotaExceeded, Quotas, check_submission, quotas_for
 from ndif_scheduler.store import new_id, record_received
-
-
-@pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'auth.db'}"
-    migrate(url)
-    engine = create_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(
         state_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'auth.db'}",
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
         quota_queued=3,
         quota_running=2,
         quota_result_bytes=1000,

@@ -24,7 +24,6 @@ from ndif_scheduler.db import (
     Status,
     create_engine,
     migrate,
-    session_factory,
     utcnow,
 )
 from ndif_scheduler.store import (
@@ -36,15 +35,6 @@ from ndif_scheduler.store import (
     stored_result_bytes,
     transition,
 )
-
-
-@pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    migrate(url)
-    engine = create_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture
