@@ -92,3 +92,15 @@ def mlp() -> torch.nn.Sequential:
         for parameter in net.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
     return net
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    """A session factory on a fresh SQLite job store, made by the Alembic migrations."""
+    from ndif_scheduler.db import create_engine, migrate, session_factory
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate(url)
+    engine = create_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
