@@ -34,7 +34,12 @@ _CLIENT_NAMES = {"jobs": "jobs", "Batch": "Batch"}
 
 
 def __getattr__(name: str) -> object:
-    """``ndif.jobs`` and ``ndif.Batch`` come from the client package, ``ndif_sdk``, when installed."""
+    """``ndif.VLLM`` loads the vLLM backend on first use; ``ndif.jobs`` and ``ndif.Batch``
+    come from the client package, ``ndif_sdk``, when installed."""
+    if name == "VLLM":
+        from .models.vllm import VLLM
+
+        return VLLM
     if name in _CLIENT_NAMES:
         try:
             import ndif_sdk

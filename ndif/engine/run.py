@@ -26,6 +26,7 @@ from greenlet import GreenletExit
 
 from ..tracing.errors import (
     BarrierError,
+    InvokeError,
     IterationEnd,
     NeverRanError,
     OutOfOrderError,
@@ -290,13 +291,19 @@ class Run:
             self._serve(slot)
             args, kwargs = slot.value
             if slot.skips is not None:
-                return self._output(
-                    site, self.batcher.assemble_skips(slot.skips) if self.batcher else slot.skips[-1][1]
-                )
+                return self._output(site, self._skipped(controller, module, args, kwargs, slot.skips))
         output = controller.body(module, *args, **kwargs)
         if site in self.waiting:
             return self._output(site, output)
         return output
+
+    def _skipped(self, controller: Controller, module: Any, args: tuple, kwargs: dict, skips: list) -> Any:
+        """The output of a module every block waiting at its input asked to ``.skip()``."""
+        return self.batcher.assemble_skips(skips) if self.batcher else skips[-1][1]
+
+    def _ready(self, mediator: Mediator) -> bool:
+        """Whether a block parked on the current event is served now (its step has come)."""
+        return mediator.pending.step == mediator.step
 
     def _root_call(self, controller: Controller, module: Any, args: tuple, kwargs: dict) -> Any:
         self.begin_step()
@@ -325,7 +332,7 @@ class Run:
             if waiters is not None:
                 parked = waiters.inputs if event == INPUT else waiters.outputs
                 if parked:
-                    ready = [m for m in parked if m.pending.step == m.step]
+                    ready = [m for m in parked if self._ready(m)]
             if not ready:
                 if self.released:
                     self._resume_released()
@@ -343,7 +350,13 @@ class Run:
                 else:
                     if op in (WRITE, WRITE_FIRST):
                         self._note_edit(mediator, request, slot)
-                    value = apply_op(request, slot, batcher, mediator.group)
+                    try:
+                        value = apply_op(request, slot, batcher, mediator.group)
+                    except InvokeError as error:
+                        if not self.isolate_errors:
+                            raise
+                        self._resume(mediator, error=error)  # a bad edit fails its own block, at its line
+                        continue
                 self._resume(mediator, value, slot=slot)
         waiters = waiting.get(site)
         if waiters is not None and waiters.observers:
@@ -371,7 +384,7 @@ class Run:
             request = worker.switch(value) if error is None else worker.throw(error)
         except StopTrace:
             request = None
-            self.stop_pending = True
+            self._stop(mediator)
         except IterationEnd:  # a step loop the rewrite could not see ended the block
             request = None
         except GreenletExit:
@@ -386,6 +399,10 @@ class Run:
             return
         mediator.here = None
         self._park(mediator, request)
+
+    def _stop(self, mediator: Mediator) -> None:
+        """A block called ``tracer.stop()``: unwind the model once the current event is served."""
+        self.stop_pending = True
 
     def _failed(self, mediator: Mediator, exception: BaseException) -> None:
         if not hasattr(exception, "__ndif_traceback__"):

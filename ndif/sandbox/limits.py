@@ -395,6 +395,15 @@ class Job:
                 f"{self.limits.max_memory_growth_bytes / 2**20:.0f} MiB"
             )
 
+    def drain(self) -> None:
+        """Deliver here an interruption the watchdog raised into this job's thread, if any."""
+        if self.interrupted:
+            try:
+                for _ in range(1000):  # bytecodes on which a pending asynchronous exception lands
+                    pass
+            except TimeLimitExceeded:
+                pass
+
     # Called by the engine around every switch into and out of a sandboxed block.
 
     def enter(self, mediator: Any) -> None:
@@ -402,6 +411,7 @@ class Job:
         # mode is pushed once, by the outermost.
         if self.inside == 0:
             self.mode.__enter__()
+            self.thread = threading.get_ident()  # a serving engine runs blocks on its own thread
         self.inside += 1
         mediator.grad_outside = torch.is_grad_enabled()
         inside = mediator.grad_inside
@@ -443,12 +453,7 @@ class Watchdog:
         with self.guard:
             self.jobs.discard(job)
             job.released = True
-        if job.interrupted:
-            try:
-                for _ in range(1000):  # bytecodes on which a pending asynchronous exception lands
-                    pass
-            except TimeLimitExceeded:
-                pass
+        job.drain()
 
     def _loop(self) -> None:
         while True:

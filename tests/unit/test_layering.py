@@ -12,9 +12,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER_ONLY = ("ray", "celery", "sqlalchemy", "alembic", "vllm", "fastapi", "boto3")
 
 
-def _imports(folder: Path) -> set[str]:
+VLLM_BACKEND = ROOT / "ndif" / "models" / "vllm"
+
+
+def _imports(folder: Path, skip: Path | None = None) -> set[str]:
     found = set()
     for path in folder.rglob("*.py"):
+        if skip is not None and path.is_relative_to(skip):
+            continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 found.update(alias.name.split(".")[0] for alias in node.names)
@@ -25,7 +30,13 @@ def _imports(folder: Path) -> set[str]:
 
 def test_ndif_imports_no_service_or_server_package():
     forbidden = {"ndif_scheduler", "ndif_workers", *SERVER_ONLY}
-    assert not (_imports(ROOT / "ndif") & forbidden)
+    assert not (_imports(ROOT / "ndif", skip=VLLM_BACKEND) & forbidden)
+
+
+def test_only_the_vllm_backend_imports_vllm_and_nothing_else_of_the_server():
+    forbidden = {"ndif_scheduler", "ndif_workers", *SERVER_ONLY} - {"vllm"}
+    assert "vllm" in _imports(VLLM_BACKEND)
+    assert not (_imports(VLLM_BACKEND) & forbidden)
 
 
 def test_sdk_imports_neither_scheduler_nor_workers():

@@ -1,4 +1,4 @@
-"""Loading a deployment's model for an actor: the transformers backend here (vLLM: issue #5)."""
+"""Loading a deployment's model for an actor: transformers, or a vLLM engine."""
 
 from __future__ import annotations
 
@@ -22,4 +22,10 @@ def load_model(deployment: Deployment) -> Any:
         if deployment.device != "cpu":
             model._module.to(deployment.device)
         return model
-    raise NotImplementedError(f"the {deployment.backend!r} backend is not available in this build of ndif-workers")
+    if deployment.backend == "vllm":
+        # One engine per actor; the actor's job threads all submit into its continuous batch.
+        import ndif
+
+        engine_args = {"dtype": deployment.dtype, **deployment.engine_args}
+        return ndif.VLLM(deployment.path, tensor_parallel_size=deployment.tensor_parallel_size, **engine_args)
+    raise ValueError(f"unknown backend {deployment.backend!r} (expected 'transformers' or 'vllm')")

@@ -1,0 +1,513 @@
+"""Interleaving inside a continuous-batching engine (vLLM): many jobs, one flat batch.
+
+A serving engine runs one forward per step over a flat ``[num_tokens, ...]`` batch that
+mixes the requests of many jobs, each at its own step: one decoding its 40th token,
+another prefilling its prompt (perhaps in chunks), a third not intervening at all. This
+module is the engine side of that, free of any vLLM import so that it is tested on CPU:
+
+* `FlatBatcher`: a block's group is a stable key (its request, or all of its job's
+  requests); every step the backend tells the batcher where each request's rows are.
+  Reads are private copies (an engine reuses and overwrites its buffers in place);
+  a copy the block edited in place is written back when the event has been served.
+* `ServingRun`: one long-lived `Run` per engine. Jobs are admitted and retired while it
+  runs; each step the backend says which requests are scheduled (`Scheduled`), and the
+  run advances only their blocks, serves only them, and tells the backend whether any
+  of them intervenes in this step's forward (run it eagerly) or not (its compiled graph).
+  One block's exception, ``tracer.stop()`` or time limit ends its own job only.
+
+The backend (``ndif.models.vllm``) calls, per step: `ServingRun.begin` with the
+scheduled requests, `FlatBatcher.layout` once the token layout is known, runs the model
+with ``ACTIVE_RUN`` set (eager steps), `ServingRun.sampling` before the logits and samples
+are served, and `ServingRun.end`; then `ServingRun.take_finished` for jobs to end early.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from contextvars import Context
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..tracing.errors import BarrierError, InvokeError, NDIFError
+from .batching import map_tensors
+from .mediator import BARRIER, INPUT, OUTPUT, READ, RESULT, Mediator, Slot
+from .run import Run
+
+Key = Hashable
+
+
+class Preempted(NDIFError):
+    """The engine preempted a request after its job had edited it; the edit cannot be replayed."""
+
+
+@dataclass(frozen=True)
+class JobRows:
+    """The group of a block that sees every request of its job (an edit, an input-less invoke)."""
+
+    job: Key
+    keys: tuple
+
+
+@dataclass
+class Scheduled:
+    """One request's part in a step.
+
+    Attributes:
+        key: The request.
+        new_step: The step begins one of the request's steps (its first prefill chunk,
+            or a decode); a later prefill chunk continues step 0.
+        samples: The step ends with a token for it (its last prefill chunk, or a decode).
+    """
+
+    key: Key
+    new_step: bool = True
+    samples: bool = True
+
+
+class FlatBatcher:
+    """Scopes a flat ``[rows, ...]`` batch to one request's (or one job's) rows.
+
+    `layout` sets where each request's rows are for the event being served; a tensor
+    whose first dimension is the batch's row count is batched, anything else is shared.
+    """
+
+    def __init__(self) -> None:
+        self.spans: dict[Key, tuple[int, int]] = {}
+        self.total = -1
+        self._copies: list[tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, int]] = []
+        self._replaced: dict[int, torch.Tensor] = {}
+        self._owned: set[int] = set()
+        self.wrote: set[Key] = set()  # groups that edited a value this step
+
+    def layout(self, spans: dict[Key, tuple[int, int]], total: int) -> None:
+        """Rows ``[start, stop)`` of each request; ``total`` rows in all."""
+        self.spans = spans
+        self.total = total
+
+    def present(self, group: Any) -> bool:
+        """Whether ``group`` has rows in the current layout."""
+        if isinstance(group, JobRows):
+            return any(key in self.spans for key in group.keys)
+        return group in self.spans
+
+    def _spans(self, group: Any) -> list[tuple[int, int]]:
+        if isinstance(group, JobRows):
+            return [self.spans[key] for key in group.keys if key in self.spans]
+        span = self.spans.get(group)
+        if span is None:
+            raise InvokeError(f"request {group!r} has no rows in this step")
+        return [span]
+
+    def narrow(self, value: Any, group: Any) -> Any:
+        spans = self._spans(group)
+        total = self.total
+
+        def rows(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dim() == 0 or tensor.shape[0] != total:
+                return tensor
+            with torch.inference_mode(False):  # a normal tensor: the user may edit it after the job
+                if len(spans) == 1:
+                    start, stop = spans[0]
+                    copy = tensor[start:stop].clone()
+                else:
+                    copy = torch.cat([tensor[start:stop] for start, stop in spans])
+            self._copies.append((tensor, spans, copy, copy._version))
+            return copy
+
+        return map_tensors(value, rows)
+
+    def widen(self, full: Any, group: Any, edited: Any) -> Any:
+        spans = self._spans(group)
+        size = sum(stop - start for start, stop in spans)
+        self._note_write(group)
+
+        def merge(whole: Any, part: Any, where: str) -> Any:
+            if isinstance(whole, torch.Tensor):
+                if whole.dim() == 0 or whole.shape[0] != self.total:
+                    return part
+                if not isinstance(part, torch.Tensor):
+                    raise InvokeError(
+                        f"an invoke assigned a {type(part).__name__} to {where}, which is a batched "
+                        "tensor; assign a tensor with one row per token of this request"
+                    )
+                if part.dim() == 0 or part.shape[0] != size:
+                    raise InvokeError(
+                        f"a request with {size} row(s) in this step assigned a value of shape "
+                        f"{tuple(part.shape)} to {where} (the step's batch has shape {tuple(whole.shape)})"
+                    )
+                target = self._writable(whole)
+                offset = 0
+                for start, stop in spans:
+                    target[start:stop] = part[offset : offset + stop - start]
+                    offset += stop - start
+                return target
+            if isinstance(whole, (list, tuple)):
+                if not isinstance(part, (list, tuple)) or len(part) != len(whole):
+                    raise InvokeError(
+                        f"{where} is a {type(whole).__name__} of {len(whole)} items; an invoke "
+                        f"assigned {type(part).__name__}. Assign the same structure (or edit an item)."
+                    )
+                merged = [merge(w, p, f"{where}[{i}]") for i, (w, p) in enumerate(zip(whole, part))]
+                if isinstance(whole, tuple):
+                    return type(whole)(*merged) if hasattr(whole, "_fields") else type(whole)(merged)
+                return merged
+            if isinstance(whole, dict):
+                merged = whole.copy()
+                for key in whole:
+                    merged[key] = merge(whole[key], part[key], f"{where}[{key!r}]")
+                return merged
+            return part
+
+        return merge(full, edited, "the value")
+
+    def _writable(self, whole: torch.Tensor) -> torch.Tensor:
+        """A tensor to write rows into: ``whole`` itself once it is ours, else a copy."""
+        if id(whole) in self._owned:
+            return whole
+        target = whole.clone()
+        self._owned.add(id(target))
+        self._replaced[id(whole)] = target
+        return target
+
+    def _note_write(self, group: Any) -> None:
+        self.wrote.update(group.keys if isinstance(group, JobRows) else (group,))
+
+    def assemble_skips(self, parts: list[tuple[Any, Any]]) -> Any:
+        raise InvokeError("a serving engine runs a skipped module for the other requests")  # see ServingRun
+
+    def commit(self, value: Any) -> Any:
+        """The event is served: write copies that blocks edited in place back into the batch."""
+        copies, self._copies = self._copies, []
+        for source, spans, copy, version in copies:
+            if copy._version == version:
+                continue
+            target = source
+            while id(target) in self._replaced:
+                target = self._replaced[id(target)]
+            offset = 0
+            for start, stop in spans:
+                target[start:stop] = copy[offset : offset + stop - start]
+                offset += stop - start
+            for key, span in self.spans.items():
+                if span in spans:
+                    self.wrote.add(key)
+        self._replaced.clear()
+        self._owned.clear()
+        return value
+
+
+@dataclass
+class ServingJob:
+    """One job's blocks on a serving run.
+
+    Attributes:
+        key: The job's id.
+        requests: Its requests, in invoke order, each with the blocks that see only it.
+        wide: Blocks that see all of the job's requests (edits, invokes without input).
+        context: The context its blocks start in (its saves, its sandbox guard).
+    """
+
+    key: Key
+    requests: dict[Key, list[Mediator]]
+    wide: list[Mediator] = field(default_factory=list)
+    context: Context | None = None
+    error: BaseException | None = None
+    stopped: bool = False
+    wrote: bool = False
+    guard: Any = None
+
+    @property
+    def mediators(self) -> list[Mediator]:
+        blocks = list(self.wide)
+        for own in self.requests.values():
+            blocks.extend(own)
+        return blocks
+
+
+class ServingRun(Run):
+    """A run that never ends: jobs come and go while the engine steps.
+
+    Args:
+        sites: The served model's sites (to explain a request for a module it lacks).
+        passive: Sites served outside the forward pass (logits, samples): blocks waiting
+            on them do not make a step eager.
+    """
+
+    def __init__(self, sites: Callable[[], Any] | None = None, passive: Iterable[Any] = ()) -> None:
+        super().__init__([], FlatBatcher(), root=None, isolate_errors=True, sites=sites)
+        self.batcher: FlatBatcher
+        self.passive = set(passive)
+        self.jobs: dict[Key, ServingJob] = {}
+        self.owner: dict[Mediator, ServingJob] = {}
+        self.request_job: dict[Key, ServingJob] = {}
+        self.started: set[Mediator] = set()
+        self.active: set[Mediator] = set()  # blocks that may be served in the current phase
+        self.participants: list[Mediator] = []
+        self.sampling_keys: set[Key] = set()
+        self.finished: list[ServingJob] = []
+        self.lock = threading.Lock()  # guards `finished` (read by the thread that drives the engine)
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def admit(self, job: ServingJob) -> None:
+        """Start a job's blocks (on the thread that steps the engine): each runs until it
+        first waits for the model."""
+        self.jobs[job.key] = job
+        if not job.mediators:
+            return  # nothing to serve: its requests run as plain engine requests
+        for key in job.requests:
+            self.request_job[key] = job
+        keys = tuple(job.requests)
+        for mediator in job.wide:
+            mediator.group = JobRows(job.key, keys)
+        for key, own in job.requests.items():
+            for mediator in own:
+                mediator.group = key
+        mediators = job.mediators
+        for mediator in mediators:
+            self.owner[mediator] = job
+            self.mediators.append(mediator)
+            if job.context is not None:
+                job.context.run(mediator.start, self)
+            else:
+                mediator.start(self)
+        job.guard = mediators[0].guard if mediators else None
+        for mediator in mediators:
+            self._resume(mediator)
+            self._resume_released()
+
+    def retire(self, job: ServingJob, results: dict[Key, Any]) -> None:
+        """The job's requests are done: serve ``tracer.result`` (each request's output;
+        a job-wide block gets the list), end step loops, and drop the job's blocks."""
+        members = set(job.mediators)
+        self.active = members
+        self.finishing = True
+        try:
+            while not job.stopped:
+                progressed = False
+                for site in list(self.waiting):
+                    waiters = self.waiting.get(site)
+                    if waiters is None:
+                        continue
+                    for mediator in waiters.inputs + waiters.outputs:
+                        if mediator in members:
+                            progressed = True
+                            self._settle(mediator)
+                mine = [m for m in self.results if m in members]
+                if mine:
+                    progressed = True
+                    self.results = [m for m in self.results if m not in members]
+                    for mediator in mine:
+                        request, mediator.pending = mediator.pending, None
+                        value = _result_for(mediator.group, results) if request.op == READ else None
+                        self._resume(mediator, value, slot=Slot(RESULT, None, value))
+                if self.released:
+                    progressed = True
+                    self._resume_released()
+                if not progressed:
+                    break
+            for mediator in job.mediators:
+                request = mediator.pending
+                if mediator.alive and request is not None and request.event == BARRIER and not job.stopped:
+                    self._resume(
+                        mediator,
+                        error=BarrierError(
+                            f"{mediator.label} waited at a barrier that fewer blocks reached than it was "
+                            "created for (in a serving engine, a job's requests meet at a barrier only "
+                            "in a step they share)"
+                        ),
+                    )
+        finally:
+            self.finishing = False
+            self.active = set()
+        self._drop(job)
+
+    def kill(self, job: ServingJob) -> None:
+        """End the job's blocks where they are (cancelled, failed, or out of time)."""
+        self._drop(job)
+
+    def _drop(self, job: ServingJob) -> None:
+        for mediator in job.mediators:
+            if mediator.pending is not None:
+                if mediator.pending.event == BARRIER:
+                    self.at_barrier -= 1
+                else:
+                    self._unwait(mediator)
+            if mediator in self.results:
+                self.results.remove(mediator)
+            self._kill(mediator)
+            mediator.run = None
+            mediator.here = None
+            mediator.worker = None
+            self.owner.pop(mediator, None)
+            self.started.discard(mediator)
+            self.errors.pop(mediator, None)
+        members = set(job.mediators)
+        self.mediators = [m for m in self.mediators if m not in members]
+        for key in job.requests:
+            self.request_job.pop(key, None)
+        self.jobs.pop(job.key, None)
+
+    def take_finished(self) -> list[ServingJob]:
+        """Jobs that must end now: a block raised, or called ``tracer.stop()``."""
+        with self.lock:
+            finished, self.finished = self.finished, []
+        return finished
+
+    # -- steps -----------------------------------------------------------------------
+
+    def begin(self, scheduled: list[Scheduled]) -> bool:
+        """A step with these requests begins (only requests of admitted jobs count).
+
+        Returns whether any of their blocks waits for a value of this step's forward
+        pass: the backend then runs the step eagerly (module by module)."""
+        keys = {item.key for item in scheduled}
+        starting: set[Key] = set()
+        sampling: set[Key] = set()
+        jobs: dict[Key, ServingJob] = {}
+        for item in scheduled:
+            job = self.request_job.get(item.key)
+            if job is None:
+                continue
+            jobs[job.key] = job
+            if item.new_step:
+                starting.add(item.key)
+            if item.samples:
+                sampling.add(item.key)
+        participants: list[Mediator] = []
+        for job in jobs.values():
+            if job.guard is not None:
+                try:
+                    job.guard.tick()  # its time limit and cancellation, at every step it takes part in
+                except BaseException as error:  # noqa: BLE001 - any failure ends the job only
+                    self._end_job(job, error)
+                    continue
+            for mediator in job.wide:
+                participants.append(mediator)
+                if any(key in starting for key in job.requests):
+                    self._advance(mediator)
+            for key, own in job.requests.items():
+                if key not in keys:
+                    continue
+                for mediator in own:
+                    participants.append(mediator)
+                    if key in starting:
+                        self._advance(mediator)
+        self.steps += 1
+        self.ran = set()
+        self.participants = [m for m in participants if m.alive]
+        self.active = set(self.participants)
+        self.sampling_keys = sampling
+        return any(self._intervenes(mediator) for mediator in self.participants)
+
+    def _advance(self, mediator: Mediator) -> None:
+        if mediator in self.started:
+            mediator.step += 1
+        else:
+            self.started.add(mediator)
+
+    def _intervenes(self, mediator: Mediator) -> bool:
+        request = mediator.pending
+        if request is None:
+            return False
+        if request.event == BARRIER:
+            return True
+        if request.event in (INPUT, OUTPUT):
+            return request.step == mediator.step and request.site not in self.passive
+        return bool(mediator.caches)
+
+    def sampling(self) -> None:
+        """The forward is over; logits and samples are served to requests that get a token."""
+        self.active = {m for m in self.participants if self._samples(m.group)}
+
+    def _samples(self, group: Any) -> bool:
+        if isinstance(group, JobRows):
+            return any(key in self.sampling_keys for key in group.keys)
+        return group in self.sampling_keys
+
+    def end(self) -> None:
+        """The step is over: requests that got a token end their step; what a block waited
+        for and did not get in it was missed."""
+        completing = [m for m in self.participants if self._samples(m.group)]
+        self.active = set(completing)
+        self.end_step(completing)
+        self.active = set()
+        self.participants = []
+        wrote = self.batcher.wrote
+        if wrote:
+            for key in wrote:
+                job = self.request_job.get(key)
+                if job is not None:
+                    job.wrote = True
+            wrote.clear()
+
+    def preempted(self, key: Key) -> None:
+        """The engine preempted a request and will recompute it without ndif's edits."""
+        job = self.request_job.get(key)
+        if job is not None and job.wrote:
+            self._end_job(
+                job,
+                Preempted(
+                    "the engine preempted this job's request to free memory and would recompute it "
+                    "without the edits already made; submit the job again"
+                ),
+            )
+
+    # -- serving ---------------------------------------------------------------------
+
+    def _ready(self, mediator: Mediator) -> bool:
+        return mediator in self.active and mediator.pending.step == mediator.step
+
+    def _serve(self, slot: Slot) -> None:
+        try:
+            super()._serve(slot)
+        finally:
+            slot.value = self.batcher.commit(slot.value)
+
+    def _skipped(self, controller: Any, module: Any, args: tuple, kwargs: dict, skips: list) -> Any:
+        # The other requests of the step still need the module: run it, then put each
+        # skipping request's replacement in its rows.
+        output = controller.body(module, *args, **kwargs)
+        for group, value in skips:
+            output = self.batcher.widen(output, group, value)
+        return output
+
+    def _stop(self, mediator: Mediator) -> None:
+        job = self.owner.get(mediator)
+        if job is not None and not job.stopped:
+            job.stopped = True
+            with self.lock:
+                self.finished.append(job)
+
+    def _failed(self, mediator: Mediator, exception: BaseException) -> None:
+        super()._failed(mediator, exception)
+        job = self.owner.get(mediator)
+        if job is not None:
+            self._end_job(job, exception)
+
+    def _end_job(self, job: ServingJob, error: BaseException) -> None:
+        if job.error is None and not job.stopped:
+            job.error = error
+            with self.lock:
+                self.finished.append(job)
+
+    def _resume(
+        self, mediator: Mediator, value: Any = None, error: BaseException | None = None, slot: Slot | None = None
+    ) -> None:
+        job = self.owner.get(mediator)
+        if job is not None and (job.error is not None or job.stopped) and not self.finishing:
+            return  # the job is over; its other blocks wait to be dropped
+        super()._resume(mediator, value, error, slot)
+        guard = mediator.guard
+        if guard is not None and guard.interrupted:
+            guard.drain()  # an interruption aimed at the block must not land in the engine
+
+
+def _result_for(group: Any, results: dict[Key, Any]) -> Any:
+    """``tracer.result`` for a block: its request's output, or a list for a job-wide block."""
+    if isinstance(group, JobRows):
+        return [results.get(key) for key in group.keys]
+    return results.get(group)

@@ -1,0 +1,187 @@
+"""The thread that owns a vLLM engine: admits jobs, steps the engine, ends jobs.
+
+vLLM's engine is not thread-safe, and an intervention block is a greenlet that can only
+be resumed on the thread that created it. So one thread does everything: callers (a
+local trace, or the worker's job threads) post a `Submission` and wait on its future;
+between engine steps the loop adds the job's requests, starts its blocks
+(`ServingRun.admit`), and after each step ends the jobs whose requests all finished
+(`ServingRun.retire`), or whose blocks raised or stopped (their requests are aborted;
+the other requests of the step are untouched).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from concurrent.futures import Future
+from contextvars import Context
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...engine.mediator import Mediator
+from ...engine.serving import ServingJob, ServingRun
+
+_job_numbers = itertools.count(1)
+
+
+@dataclass
+class Submission:
+    """One job for the engine: a request per invoke (prompt, sampling params, its blocks)."""
+
+    prompts: list[dict]
+    params: list[Any]
+    blocks: list[list[Mediator]]
+    wide: list[Mediator]
+    context: Context | None
+    key: str = field(default_factory=lambda: f"ndif{next(_job_numbers)}")
+    future: Future = field(default_factory=Future)
+    ids: list[str] = field(default_factory=list)  # the engine's ids of its requests
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    job: ServingJob | None = None
+
+
+class EngineLoop:
+    """Runs a vLLM ``LLMEngine`` on its own thread for many concurrent jobs."""
+
+    def __init__(self, engine: Any, run: ServingRun) -> None:
+        self.engine = engine
+        self.run = run
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.active: dict[str, Submission] = {}  # by job key
+        self.by_request: dict[str, Submission] = {}  # by the engine's request id
+        self.external: dict[str, str] = {}  # the id ndif chose -> the engine's id
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="ndif-vllm-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from any thread ---------------------------------------------------------
+
+    def submit(self, submission: Submission) -> Future:
+        if self.failure is not None:
+            raise RuntimeError("the vLLM engine stopped after an internal error") from self.failure
+        self.commands.put(("submit", submission, None))
+        return submission.future
+
+    def cancel(self, submission: Submission, error: BaseException) -> None:
+        """End a job now with ``error`` (cancelled, or over its time limit)."""
+        self.commands.put(("cancel", submission, error))
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn()`` on the engine's thread between steps; returns its result."""
+        future: Future = Future()
+        self.commands.put(("call", fn, future))
+        return future.result()
+
+    # -- the engine's thread -------------------------------------------------------------
+
+    def _main(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                busy = engine.has_unfinished_requests()
+                self._drain(block=not busy)
+                if engine.has_unfinished_requests():
+                    self._collect(engine.step())
+                for job in self.run.take_finished():
+                    self._end(job)
+            except BaseException as error:  # noqa: BLE001 - an engine failure fails every job, loudly
+                self.failure = error
+                for submission in list(self.active.values()):
+                    if not submission.future.done():
+                        submission.future.set_exception(
+                            RuntimeError(f"the vLLM engine failed: {type(error).__name__}: {error}")
+                        )
+                raise
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                kind, item, extra = self.commands.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "submit":
+                self._admit(item)
+            elif kind == "cancel":
+                if item.job is not None and item.key in self.active:
+                    self._abort(item)
+                    self.run.kill(item.job)
+                    self._forget(item)
+                    if not item.future.done():
+                        item.future.set_exception(extra)
+            elif kind == "call":
+                try:
+                    extra.set_result(item())
+                except BaseException as error:  # noqa: BLE001 - handed to the caller
+                    extra.set_exception(error)
+
+    def _admit(self, submission: Submission) -> None:
+        engine = self.engine
+        try:
+            for number, (prompt, params) in enumerate(zip(submission.prompts, submission.params)):
+                external = f"{submission.key}-{number}"
+                internal = engine.add_request(external, prompt, params)
+                submission.ids.append(internal)
+                self.external[external] = internal
+                self.by_request[internal] = submission
+        except BaseException as error:  # noqa: BLE001 - a bad prompt or parameter fails this job only
+            self._abort(submission)
+            self._forget(submission)
+            submission.future.set_exception(error)
+            return
+        self.active[submission.key] = submission
+        job = ServingJob(
+            submission.key,
+            dict(zip(submission.ids, submission.blocks)),
+            submission.wide,
+            submission.context,
+        )
+        submission.job = job
+        self.run.admit(job)
+
+    def _collect(self, outputs: list[Any]) -> None:
+        for output in outputs:
+            if not output.finished:
+                continue
+            internal = self.external.get(output.request_id)
+            submission = self.by_request.get(internal) if internal is not None else None
+            if submission is None:
+                continue
+            submission.outputs[internal] = list(output.outputs[0].token_ids)
+            if len(submission.outputs) == len(submission.ids) and submission.job is not None:
+                job = submission.job
+                if job.error is None and not job.stopped:
+                    self._retire(submission)
+
+    def _retire(self, submission: Submission) -> None:
+        job = submission.job
+        self.run.retire(job, submission.outputs)
+        self._forget(submission)
+        if job.error is not None:  # a block raised while being handed its result
+            submission.future.set_exception(job.error)
+        else:
+            submission.future.set_result([submission.outputs.get(key) for key in submission.ids])
+
+    def _end(self, job: ServingJob) -> None:
+        submission = self.active.get(job.key)
+        if submission is None:
+            return
+        self._abort(submission)
+        if job.error is not None:
+            self.run.kill(job)
+            self._forget(submission)
+            submission.future.set_exception(job.error)
+        else:  # tracer.stop(): keep what was saved, end its requests
+            self._retire(submission)
+
+    def _abort(self, submission: Submission) -> None:
+        running = [key for key in submission.ids if key not in submission.outputs]
+        if running:
+            self.engine.abort_request(running, internal=True)
+
+    def _forget(self, submission: Submission) -> None:
+        self.active.pop(submission.key, None)
+        for number, key in enumerate(submission.ids):
+            self.by_request.pop(key, None)
+            self.external.pop(f"{submission.key}-{number}", None)

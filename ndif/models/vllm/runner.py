@@ -1,0 +1,273 @@
+"""ndif inside vLLM's GPU model runner (the V2 runner of vLLM 0.26).
+
+`install` turns a live runner into an ndif runner after the engine is built (compiled
+and its CUDA graphs captured): its class gains `NdifRunnerMixin`, whose overrides tell
+the engine's `ServingRun` which requests each step schedules and where their rows are,
+and run a step eagerly only when one of them intervenes in its forward pass:
+
+* eager: the cudagraph dispatcher is told to return ``NONE`` and the forward context's
+  ``skip_compiled`` is set, so the model's Python runs module by module and every
+  instrumented module reaches the run;
+* otherwise vLLM's own choice stands (FULL or PIECEWISE graphs, compiled code).
+
+Logits and samples are served from inside ``sample()`` on every step, graphs or not,
+through two passthrough modules the root gains, ``model.logits`` and ``model.samples``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...engine.context import ACTIVE_RUN
+from ...engine.serving import Scheduled, ServingRun
+
+
+class Passthrough(torch.nn.Module):
+    """A module that returns its input: a place in the engine where ndif serves a value."""
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+class RequestState:
+    """Where one ndif request is in its prefill."""
+
+    __slots__ = ("prefill_len", "computed")
+
+    def __init__(self, prefill_len: int, computed: int) -> None:
+        self.prefill_len = prefill_len
+        self.computed = computed
+
+
+class Hooks:
+    """ndif's state in one model runner: the serving run and this step's bookkeeping."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.run: ServingRun | None = None  # set once the envoys exist (the model wraps the runner's module)
+        self.root: torch.nn.Module = runner.model
+        self.logits = Passthrough()
+        self.samples = Passthrough()
+        self.eager = False
+        self.stepping = False
+        self.sampling = False
+        self.requests: dict[str, RequestState] = {}
+        self.eager_steps = 0
+        self.graph_steps = 0
+
+    # -- one step ----------------------------------------------------------------------
+
+    def plan(self, scheduler_output: Any) -> None:
+        """Before the forward: which ndif requests this step schedules, and eager or not."""
+        run = self.run
+        if self.stepping:  # the previous step failed before sampling
+            run.end()
+            self.stepping = False
+        for key in scheduler_output.preempted_req_ids or ():
+            if key in run.request_job:
+                run.preempted(key)
+        for key in scheduler_output.finished_req_ids:
+            self.requests.pop(key, None)
+        known = run.request_job
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in known:
+                self.requests[new.req_id] = RequestState(len(new.prefill_token_ids), new.num_computed_tokens)
+        cached = scheduler_output.scheduled_cached_reqs
+        for key, computed in zip(cached.req_ids, cached.num_computed_tokens):
+            state = self.requests.get(key)
+            if state is not None:
+                state.computed = computed
+        scheduled = []
+        for key, count in scheduler_output.num_scheduled_tokens.items():
+            state = self.requests.get(key)
+            if state is None or key not in known:
+                continue
+            prefilling = state.computed < state.prefill_len
+            scheduled.append(
+                Scheduled(
+                    key,
+                    new_step=not prefilling or state.computed == 0,
+                    samples=state.computed + count >= state.prefill_len,
+                )
+            )
+        if not scheduled:
+            self.eager = False
+            return
+        self.stepping = True
+        self.eager = run.begin(scheduled)
+        if self.eager:
+            self.eager_steps += 1
+        else:
+            self.graph_steps += 1
+
+    def layout_tokens(self, input_batch: Any) -> None:
+        if not self.stepping:
+            return
+        starts = input_batch.query_start_loc_np
+        known = self.run.request_job
+        spans = {key: (int(starts[i]), int(starts[i + 1])) for i, key in enumerate(input_batch.req_ids) if key in known}
+        self.run.batcher.layout(spans, int(input_batch.num_tokens_after_padding))
+
+    def begin_sampling(self, input_batch: Any) -> None:
+        self.sampling = True
+        self.sampled_rows = input_batch
+        self.run.sampling()
+
+    def serve(self, module: Passthrough, value: torch.Tensor) -> torch.Tensor:
+        """Serve ``value`` (logits or samples, one row per request) at ``module``'s site."""
+        run = self.run
+        if not self.sampling or module.forward.site not in run.waiting:
+            return value
+        batch = self.sampled_rows
+        cu = batch.cu_num_logits_np
+        known = run.request_job
+        spans = {key: (int(cu[i]), int(cu[i + 1])) for i, key in enumerate(batch.req_ids) if key in known}
+        run.batcher.layout(spans, int(value.shape[0]))
+        token = ACTIVE_RUN.set(run)
+        try:
+            return module(value)
+        finally:
+            ACTIVE_RUN.reset(token)
+
+    def end_sampling(self) -> None:
+        self.sampling = False
+        self.sampled_rows = None
+
+    def finish_step(self) -> None:
+        if self.stepping:
+            self.stepping = False
+            self.run.end()
+
+
+class NdifRunnerMixin:
+    """Overrides of vLLM's V2 ``GPUModelRunner`` (mixed into the live runner's class)."""
+
+    _ndif: Hooks
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        hooks = self._ndif
+        dummy = kwargs.get("dummy_run", args[1] if len(args) > 1 else False)
+        if dummy or hooks.run is None or not hooks.run.jobs:
+            hooks.eager = False
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        hooks.plan(scheduler_output)
+        if not hooks.eager:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        token = ACTIVE_RUN.set(hooks.run)
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            ACTIVE_RUN.reset(token)
+            hooks.eager = False
+
+    def prepare_inputs(self, scheduler_output: Any, batch_desc: Any) -> Any:
+        input_batch = super().prepare_inputs(scheduler_output, batch_desc)
+        self._ndif.layout_tokens(input_batch)
+        return input_batch
+
+    def sample(self, hidden_states: Any, input_batch: Any, grammar_output: Any) -> Any:
+        hooks = self._ndif
+        if not hooks.stepping:
+            return super().sample(hidden_states, input_batch, grammar_output)
+        hooks.begin_sampling(input_batch)
+        try:
+            return super().sample(hidden_states, input_batch, grammar_output)
+        finally:
+            hooks.end_sampling()
+
+    def sample_tokens(self, grammar_output: Any) -> Any:
+        try:
+            return super().sample_tokens(grammar_output)
+        finally:
+            self._ndif.finish_step()
+
+
+def attach(runner: Any) -> Hooks:
+    """The engine-independent part of `install`: ndif's hooks on any runner shaped like
+    vLLM's (``model`` with ``compute_logits``, ``sampler.sample``, and the step methods)."""
+    hooks = Hooks(runner)
+    root = runner.model
+    root.add_module("logits", hooks.logits)
+    root.add_module("samples", hooks.samples)
+    runner._ndif = hooks
+    runner.__class__ = type(f"Ndif{type(runner).__name__}", (NdifRunnerMixin, type(runner)), {})
+
+    compute_logits = root.compute_logits
+
+    def compute_and_serve_logits(hidden_states: torch.Tensor) -> torch.Tensor:
+        return hooks.serve(hooks.logits, compute_logits(hidden_states))
+
+    root.compute_logits = compute_and_serve_logits
+
+    sampler = runner.sampler
+    if sampler is not None:
+        sample = sampler.sample
+
+        def sample_and_serve(*args: Any, **kwargs: Any) -> Any:
+            sampled, processed = sample(*args, **kwargs)
+            return hooks.serve(hooks.samples, sampled), processed
+
+        sampler.sample = sample_and_serve
+    return hooks
+
+
+def install(runner: Any) -> Hooks:
+    """Make ``runner`` (a built, captured V2 ``GPUModelRunner``) an ndif runner."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+
+    if not hasattr(runner, "cudagraph_manager") or not hasattr(runner, "req_states"):
+        raise RuntimeError(
+            "ndif needs vLLM's V2 model runner (vLLM 0.26, VLLM_USE_V2_MODEL_RUNNER unset or 1); "
+            f"this engine runs {type(runner).__module__}.{type(runner).__name__}"
+        )
+    hooks = attach(runner)
+    manager = runner.cudagraph_manager
+    if manager is not None:
+        dispatch = manager.dispatch
+
+        def eager_or_graphs(num_reqs: int, num_tokens: int, uniform: Any, num_active_loras: int = 0) -> Any:
+            if hooks.eager:
+                return BatchExecutionDescriptor(
+                    cg_mode=CUDAGraphMode.NONE,
+                    num_tokens=num_tokens,
+                    num_reqs=num_reqs,
+                    num_active_loras=num_active_loras,
+                )
+            return dispatch(num_reqs, num_tokens, uniform, num_active_loras=num_active_loras)
+
+        manager.dispatch = eager_or_graphs
+
+    def run_python(module: torch.nn.Module, args: Any) -> None:
+        # Without this, an eager step still calls the compiled model, whose modules'
+        # Python (and so ndif) never runs.
+        if hooks.eager and is_forward_context_available():
+            get_forward_context().skip_compiled = True
+
+    runner.model.register_forward_pre_hook(run_python)
+    return hooks
+
+
+def fast_eager_kernels(root: torch.nn.Module) -> int:
+    """Point vLLM's custom ops at their CUDA kernels for eager steps; returns how many.
+
+    A compiled engine runs custom ops as native PyTorch, which Inductor fuses; an eager
+    step would run that native code unfused. The compiled code is built already and does
+    not call these methods, so only eager steps change.
+    """
+    from vllm import ir
+    from vllm.model_executor.custom_op import CustomOp
+
+    switched = 0
+    for module in root.modules():
+        if isinstance(module, CustomOp) and type(module).forward_cuda is not CustomOp.forward_cuda:
+            module._forward_method = module.forward_cuda
+            switched += 1
+    for name in ("rms_norm", "fused_add_rms_norm"):
+        op = getattr(ir.ops, name, None)
+        if op is not None and "vllm_c" in getattr(op, "impls", {}):
+            op.set_default(["vllm_c", "native"])
+    return switched

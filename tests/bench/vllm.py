@@ -1,0 +1,247 @@
+"""GPU benchmark of the vLLM backend: ndif's throughput against plain vLLM, in one run.
+
+Llama-3.1-8B's architecture with ``load_format="dummy"`` (random weights, no download),
+256 concurrent requests of 128 prompt tokens generating 128 tokens each (``ignore_eos``),
+on one GPU. Each engine runs in its own process (vLLM does not free an in-process
+engine's memory), one after the other:
+
+* ``plain``: vLLM as shipped (torch.compile + CUDA graphs), ``LLM.generate``;
+* ``plain-eager``: vLLM with ``enforce_eager=True``;
+* ``ndif``: one ``ndif.VLLM`` engine, 256 concurrent traces (threads) per case: no
+  intervention (the body only saves ``tracer.result``), a save of one layer's output at
+  every step of every request, a steering vector added at one layer at every step of
+  every request, and steering on 10% of the requests (the rest plain).
+
+Prints output tokens/s and the ratios the issue sets goals for; writes JSON.
+
+    python -m tests.bench.vllm [--out DIR] [--layers N] [--requests N] [--tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+
+ENGINE = {
+    "load_format": "dummy",
+    "skip_tokenizer_init": True,
+    "max_model_len": 1024,
+    "max_num_seqs": 256,
+    "max_num_batched_tokens": 8192,
+    "gpu_memory_utilization": 0.85,
+    "seed": 0,
+}
+
+
+def write_config(folder: Path, layers: int | None) -> Path:
+    config = dict(LLAMA_31_8B)
+    if layers:
+        config["num_hidden_layers"] = layers
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def prompts(count: int, length: int) -> list[list[int]]:
+    import random
+
+    generator = random.Random(0)
+    return [[generator.randrange(1000, 120000) for _ in range(length)] for _ in range(count)]
+
+
+def run_plain(path: str, args: argparse.Namespace, eager: bool) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(path, enforce_eager=eager, **ENGINE)
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
+    batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.tokens)]
+    llm.generate(batch[:8], params, use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    return {"plain-eager" if eager else "plain": {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}}
+
+
+def run_ndif(path: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    import ndif
+
+    model = ndif.VLLM(path, **ENGINE)
+    layer = model.model.layers[len(model.model.layers) // 2]
+    steer = torch.full((LLAMA_31_8B["hidden_size"],), 0.01, dtype=torch.bfloat16, device="cuda")
+    steps = args.tokens
+
+    def plain(prompt):
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            out = tracer.result.save()
+        return len(out)
+
+    def saving(prompt):
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            hidden = ndif.save([])
+            for _ in tracer.iter[:steps]:
+                hidden.append(layer.output[0])
+            out = tracer.result.save()
+        return len(out)
+
+    def steering(prompt):
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            for _ in tracer.iter[:steps]:
+                layer.output[0][:] += steer
+            out = tracer.result.save()
+        return len(out)
+
+    batch = prompts(args.requests, args.tokens)
+    results = {}
+
+    def timed(name, jobs):
+        counts = [0] * len(jobs)
+        errors = []
+
+        def target(number, job, prompt):
+            try:
+                counts[number] = job(prompt)
+            except BaseException as error:  # noqa: BLE001 - reported
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=target, args=(n, job, p)) for n, (job, p) in enumerate(jobs)]
+        before = dict(model.step_counts)
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+        after = model.step_counts
+        results[name] = {
+            "tokens": sum(counts),
+            "seconds": seconds,
+            "tok_s": sum(counts) / seconds,
+            "errors": errors[:3],
+            "eager_steps": after["eager"] - before["eager"],
+            "graph_steps": after["graph"] - before["graph"],
+        }
+        print(name, results[name], flush=True)
+
+    timed("warm-up", [(saving, p) for p in batch[:8]])
+    timed("ndif-none", [(plain, p) for p in batch])
+    timed("ndif-save", [(saving, p) for p in batch])
+    timed("ndif-steer", [(steering, p) for p in batch])
+    timed("ndif-steer-10%", [(steering if n % 10 == 0 else plain, p) for n, p in enumerate(batch)])
+    del results["warm-up"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the 8B's 32 (quick runs)")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--part", choices=["plain", "plain-eager", "ndif"], default=None)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        print("vllm benchmark: skipped (no CUDA device here; run it on a GPU machine, see docs/vllm.md)")
+        return
+    if args.part is not None:  # one engine, in this process
+        if args.part == "ndif":
+            result = run_ndif(args.model, args)
+        else:
+            result = run_plain(args.model, args, eager=args.part == "plain-eager")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    folder = write_config(Path(tempfile.mkdtemp(prefix="ndif-llama8b-")), args.layers)
+    results: dict = {}
+    for part in ("plain", "plain-eager", "ndif"):
+        command = [sys.executable, "-m", "tests.bench.vllm", "--part", part, "--model", str(folder)]
+        command += ["--requests", str(args.requests), "--tokens", str(args.tokens)]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if args.out is not None:
+            (args.out / f"bench-{part}.log").write_text(done.stdout + "\n" + done.stderr[-20000:])
+        if done.returncode != 0 or not lines:
+            print(f"{part}: failed (rc {done.returncode})\n{done.stderr[-3000:]}", flush=True)
+            continue
+        results.update(json.loads(lines[-1][len("RESULT ") :]))
+
+    import torch
+
+    card = torch.cuda.get_device_name(0)
+    print(
+        f"\nvLLM backend, {card}, Llama-3.1-8B config (dummy weights), {args.requests} requests, "
+        f"{args.tokens} tokens in and out\n"
+    )
+    plain = results.get("plain", {}).get("tok_s")
+    eager = results.get("plain-eager", {}).get("tok_s")
+    goals = {
+        "ndif-none": ("plain", 0.97),
+        "ndif-save": ("plain-eager", 0.90),
+        "ndif-steer": ("plain-eager", 0.90),
+        "ndif-steer-10%": ("plain", 0.80),
+    }
+    print(f"{'case':<16}{'tok/s':>10}{'/plain':>9}{'/eager':>9}   goal")
+    for name, row in results.items():
+        ratio_plain = row["tok_s"] / plain if plain else float("nan")
+        ratio_eager = row["tok_s"] / eager if eager else float("nan")
+        goal = goals.get(name)
+        verdict = ""
+        if goal is not None:
+            base = plain if goal[0] == "plain" else eager
+            if base:
+                met = row["tok_s"] / base >= goal[1]
+                verdict = f">= {goal[1]:.2f} x {goal[0]}: {'met' if met else 'NOT met'}"
+        print(f"{name:<16}{row['tok_s']:>10.0f}{ratio_plain:>9.3f}{ratio_eager:>9.3f}   {verdict}")
+    if args.out is not None:
+        payload = {"card": card, "date": time.strftime("%Y-%m-%d"), "results": results}
+        (args.out / "bench-vllm.json").write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

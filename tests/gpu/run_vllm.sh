@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The vLLM backend's GPU suite and benchmark in one go, logs under OUT_DIR.
+#
+# On a GPU machine, from the repository root, with vLLM importable (the bundle of
+# ../shared/gpu: `source .gpu/install.sh`):   tests/gpu/run_vllm.sh OUT_DIR [--quick]
+# Wheels in .gpu/wheels (ndif's own dependencies the machine lacks) are installed first.
+set -u
+out="${1:?usage: tests/gpu/run_vllm.sh OUT_DIR [--quick]}"
+quick="${2:-}"
+mkdir -p "$out"
+if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --target /tmp/ndif-deps .gpu/wheels/*.whl > "$out/deps.log" 2>&1
+  export PYTHONPATH="/tmp/ndif-deps:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:$PWD/workers:$PWD/scheduler:$PWD/sdk:${PYTHONPATH:-}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))" \
+  > "$out/versions.txt" 2>&1
+
+started=$(date +%s)
+timeout 900 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu/test_vllm_backend.py \
+  > "$out/gpu-tests.log" 2>&1
+echo "gpu tests: rc=$? in $(( $(date +%s) - started )) s"
+tail -5 "$out/gpu-tests.log"
+
+started=$(date +%s)
+if [ "$quick" = "--quick" ]; then
+  timeout 900 python3 -m tests.bench.vllm --out "$out" --layers 8 --requests 128 --tokens 64 > "$out/bench.txt" 2>&1
+else
+  timeout 1200 python3 -m tests.bench.vllm --out "$out" > "$out/bench.txt" 2>&1
+fi
+echo "benchmark: rc=$? in $(( $(date +%s) - started )) s"
+tail -12 "$out/bench.txt"

@@ -1,0 +1,259 @@
+"""A CPU stand-in for vLLM's engine and V2 model runner, for unit tests of the vLLM backend.
+
+`FakeEngine` schedules like vLLM (running requests first, then waiting prompts within a
+token budget, whole or in chunks) and hands a flat batch to `FakeRunner`, which has the
+four methods ndif's runner mixin overrides. `ToyForCausalLM` is position-wise (no
+attention), so a request's rows computed in any batch equal the request computed alone.
+`FakeVLLM` is `ndif.VLLM` over these: everything of the backend except vLLM itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ndif.models.vllm.model import VLLM
+from ndif.models.vllm.runner import attach
+
+
+class ToyMLP(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x))
+
+
+class ToyLayer(torch.nn.Module):
+    """Called as vLLM calls a decoder layer: ``(positions, hidden_states, residual)``."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.mlp = ToyMLP(hidden)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: Any) -> tuple:
+        residual = hidden_states if residual is None else hidden_states + residual
+        return self.mlp(residual), residual
+
+
+class ToyModel(torch.nn.Module):
+    def __init__(self, vocab: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(ToyLayer(hidden) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(hidden)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) + 0.01 * positions[:, None].to(self.norm.weight.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return self.norm(hidden + residual)
+
+
+class ToyForCausalLM(torch.nn.Module):
+    def __init__(self, vocab: int = 64, hidden: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.model = ToyModel(vocab, hidden, layers)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+
+class GreedySampler:
+    def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits.argmax(dim=-1), logits
+
+
+class FakeRunner:
+    """The four methods of vLLM's V2 runner that ndif overrides, on a flat batch."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.sampler = GreedySampler()
+        self.pending: Any = None
+        self.forwards = 0
+
+    def execute_model(self, scheduler_output: Any, intermediate_tensors: Any = None, dummy_run: bool = False) -> None:
+        batch = self.prepare_inputs(scheduler_output, None)
+        with torch.inference_mode():
+            hidden = self.model(batch.input_ids, batch.positions)
+        self.forwards += 1
+        self.pending = (batch, hidden)
+
+    def prepare_inputs(self, scheduler_output: Any, batch_desc: Any) -> Any:
+        counts = scheduler_output.num_scheduled_tokens
+        order = sorted(counts, key=lambda key: (counts[key], key))  # vLLM: decodes first, then by size
+        ids, positions, starts = [], [], [0]
+        for key in order:
+            tokens, start = scheduler_output.step_tokens[key]
+            ids.extend(tokens)
+            positions.extend(range(start, start + len(tokens)))
+            starts.append(len(ids))
+        starts_np = np.array(starts)
+        return SimpleNamespace(
+            req_ids=order,
+            query_start_loc_np=starts_np,
+            num_tokens_after_padding=len(ids),
+            input_ids=torch.tensor(ids),
+            positions=torch.tensor(positions),
+            logits_indices=torch.tensor(starts_np[1:] - 1),
+            cu_num_logits_np=np.arange(len(order) + 1),
+        )
+
+    def sample(self, hidden_states: torch.Tensor, input_batch: Any, grammar_output: Any) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden_states[input_batch.logits_indices])
+        sampled, _ = self.sampler.sample(logits)
+        return sampled
+
+    def sample_tokens(self, grammar_output: Any) -> dict[str, int]:
+        batch, hidden = self.pending
+        with torch.inference_mode():
+            sampled = self.sample(hidden, batch, None)
+        return dict(zip(batch.req_ids, sampled.tolist()))
+
+
+@dataclass
+class FakeRequest:
+    external: str
+    prompt: list[int]
+    max_tokens: int
+    computed: int = 0
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class FakeEngine:
+    """Schedules like vLLM's: running requests first, then waiting prompts in the budget."""
+
+    def __init__(self, runner: FakeRunner, budget: int = 64, chunked: bool = False) -> None:
+        self.runner = runner
+        self.budget = budget
+        self.chunked = chunked
+        self.requests: dict[str, FakeRequest] = {}
+        self.waiting: list[str] = []
+        self.running: list[str] = []
+        self.finished: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.steps = 0
+        self.chunks = 0  # prefill chunks that were not a prompt's last
+
+    def add_request(self, external: str, prompt: dict, params: Any) -> str:
+        internal = f"{external}-{len(self.requests):04x}"
+        self.requests[internal] = FakeRequest(external, list(prompt["prompt_token_ids"]), params.max_tokens)
+        self.waiting.append(internal)
+        return internal
+
+    def abort_request(self, ids: list[str], internal: bool = False) -> None:
+        for key in ids:
+            for queue in (self.waiting, self.running):
+                if key in queue:
+                    queue.remove(key)
+            self.finished.add(key)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.gate.is_set() and bool(self.waiting or self.running)
+
+    def step(self) -> list[Any]:
+        budget = self.budget
+        counts: dict[str, int] = {}
+        tokens: dict[str, tuple[list[int], int]] = {}
+        cached_ids, cached_computed, new = [], [], []
+        for key in self.running:
+            request = self.requests[key]
+            need = max(len(request.prompt) - request.computed, 1)
+            count = min(need, budget)
+            if count == 0:
+                break
+            counts[key] = count
+            budget -= count
+            cached_ids.append(key)
+            cached_computed.append(request.computed)
+        while self.waiting and budget > 0:
+            key = self.waiting[0]
+            request = self.requests[key]
+            if len(request.prompt) > budget and not self.chunked:
+                break
+            count = min(len(request.prompt), budget)
+            self.waiting.pop(0)
+            self.running.append(key)
+            counts[key] = count
+            budget -= count
+            new.append(SimpleNamespace(req_id=key, prefill_token_ids=list(request.prompt), num_computed_tokens=0))
+        for key, count in counts.items():
+            request = self.requests[key]
+            tokens[key] = (request.tokens[request.computed : request.computed + count], request.computed)
+        output = SimpleNamespace(
+            scheduled_new_reqs=new,
+            scheduled_cached_reqs=SimpleNamespace(req_ids=cached_ids, num_computed_tokens=cached_computed),
+            num_scheduled_tokens=counts,
+            total_num_scheduled_tokens=sum(counts.values()),
+            finished_req_ids=self.finished,
+            preempted_req_ids=None,
+            step_tokens=tokens,
+        )
+        self.finished = set()
+        self.steps += 1
+        self.runner.execute_model(output)
+        sampled = self.runner.sample_tokens(None)
+        outputs = []
+        for key, count in counts.items():
+            request = self.requests[key]
+            request.computed += count
+            if request.computed < len(request.prompt):
+                self.chunks += 1
+                continue
+            request.output.append(sampled[key])
+            if len(request.output) >= request.max_tokens:
+                self.running.remove(key)
+                self.finished.add(key)
+                outputs.append(
+                    SimpleNamespace(
+                        request_id=request.external,
+                        finished=True,
+                        outputs=[SimpleNamespace(token_ids=list(request.output))],
+                    )
+                )
+        return outputs
+
+
+class FakeVLLM(VLLM):
+    """`ndif.VLLM` over `FakeEngine`/`FakeRunner` and a toy model (float64, seeded)."""
+
+    def __init__(self, budget: int = 64, chunked: bool = False, seed: int = 0, layers: int = 3) -> None:
+        torch.manual_seed(seed)
+        module = ToyForCausalLM(layers=layers).double().eval()
+        runner = FakeRunner(module)
+        hooks = attach(runner)
+        engine = FakeEngine(runner, budget=budget, chunked=chunked)
+        object.__setattr__(self, "engine", engine)
+        self._connect(engine, hooks, "toy-vllm", None, None)
+
+    @staticmethod
+    def _sampling_params(options: dict) -> Any:
+        unknown = set(options) - {"max_tokens", "temperature"}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
+        return SimpleNamespace(max_tokens=options.get("max_tokens", 16), skip_reading_prefix_cache=None)
+
+    def hold(self) -> None:
+        """Keep the engine from stepping (requests queue up) until `release`."""
+        self.engine.gate.clear()
+
+    def release(self) -> None:
+        self.engine.gate.set()
+        self._loop.call(lambda: None)  # wake the loop
