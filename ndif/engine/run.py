@@ -338,11 +338,17 @@ class Run:
                     self._resume_released()
                     continue
                 break
+            if len(ready) == len(parked):
+                parked.clear()
+            else:
+                chosen = set(ready)
+                parked[:] = [m for m in parked if m not in chosen]
+            if waiters.empty() and waiting.get(site) is waiters:
+                del waiting[site]
             for mediator in ready:
-                parked.remove(mediator)
-                if waiters.empty() and waiting.get(site) is waiters:
-                    del waiting[site]
                 request = mediator.pending
+                if request is None:  # ended meanwhile (its job failed in an earlier block)
+                    continue
                 mediator.pending = None
                 op = request.op
                 if op == READ:

@@ -104,20 +104,27 @@ class FlatBatcher:
     def narrow(self, value: Any, group: Any) -> Any:
         spans = self._spans(group)
         total = self.total
+        copies = self._copies
 
         def rows(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.dim() == 0 or tensor.shape[0] != total:
                 return tensor
-            with torch.inference_mode(False):  # a normal tensor: the user may edit it after the job
-                if len(spans) == 1:
-                    start, stop = spans[0]
-                    copy = tensor[start:stop].clone()
-                else:
-                    copy = torch.cat([tensor[start:stop] for start, stop in spans])
-            self._copies.append((tensor, spans, copy, copy._version))
+            if len(spans) == 1:
+                start, stop = spans[0]
+                copy = tensor.narrow(0, start, stop - start).clone()
+            else:
+                copy = torch.cat([tensor.narrow(0, start, stop - start) for start, stop in spans])
+            copies.append((tensor, spans, copy, copy._version))
             return copy
 
-        return map_tensors(value, rows)
+        # Normal tensors (not inference tensors), so a saved value can be edited after the job.
+        guard = torch._C._InferenceMode(False)
+        try:
+            if isinstance(value, torch.Tensor):
+                return rows(value)
+            return map_tensors(value, rows)
+        finally:
+            del guard
 
     def widen(self, full: Any, group: Any, edited: Any) -> Any:
         spans = self._spans(group)

@@ -7,6 +7,8 @@ engine's memory), one after the other:
 
 * ``plain``: vLLM as shipped (torch.compile + CUDA graphs), ``LLM.generate``;
 * ``plain-eager``: vLLM with ``enforce_eager=True``;
+* ``plain-inproc``, ``plain-eager-inproc``: the same with the engine core in the calling
+  process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as ``ndif.VLLM`` runs it;
 * ``ndif``: one ``ndif.VLLM`` engine, 256 concurrent traces (threads) per case: no
   intervention (the body only saves ``tracer.result``), a save of one layer's output at
   every step of every request, a steering vector added at one layer at every step of
@@ -69,6 +71,10 @@ ENGINE = {
 }
 
 
+#: One process each: plain vLLM as shipped, eager, both with the engine core in-process (as ndif runs it), ndif.
+PARTS = ["plain", "plain-eager", "plain-inproc", "plain-eager-inproc", "ndif"]
+
+
 def write_config(folder: Path, layers: int | None) -> Path:
     config = dict(LLAMA_31_8B)
     if layers:
@@ -85,10 +91,13 @@ def prompts(count: int, length: int) -> list[list[int]]:
     return [[generator.randrange(1000, 120000) for _ in range(length)] for _ in range(count)]
 
 
-def run_plain(path: str, args: argparse.Namespace, eager: bool) -> dict:
+def run_plain(path: str, args: argparse.Namespace, eager: bool, inproc: bool = False) -> dict:
+    if inproc:  # the engine core in this process, as ndif.VLLM runs it
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(path, enforce_eager=eager, **ENGINE)
+    extra = {"distributed_executor_backend": "uni"} if inproc else {}
+    llm = LLM(path, enforce_eager=eager, **ENGINE, **extra)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.tokens)]
     llm.generate(batch[:8], params, use_tqdm=False)  # warm-up
@@ -96,7 +105,8 @@ def run_plain(path: str, args: argparse.Namespace, eager: bool) -> dict:
     outputs = llm.generate(batch, params, use_tqdm=False)
     seconds = time.perf_counter() - started
     tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
-    return {"plain-eager" if eager else "plain": {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}}
+    name = ("plain-eager" if eager else "plain") + ("-inproc" if inproc else "")
+    return {name: {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}}
 
 
 def run_ndif(path: str, args: argparse.Namespace) -> dict:
@@ -163,11 +173,33 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
 
     timed("warm-up", [(saving, p) for p in batch[:8]])
     timed("ndif-none", [(plain, p) for p in batch])
+    if args.profile:  # where the engine thread's time goes in the save case
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        model._loop.call(profiler.enable)
+        timed("ndif-save-profiled", [(saving, p) for p in batch])
+        model._loop.call(profiler.disable)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        Path(args.profile).write_text(text.getvalue())
+        del results["ndif-save-profiled"]
     timed("ndif-save", [(saving, p) for p in batch])
     timed("ndif-steer", [(steering, p) for p in batch])
     timed("ndif-steer-10%", [(steering if n % 10 == 0 else plain, p) for n, p in enumerate(batch)])
     del results["warm-up"]
     return results
+
+
+def _cuda_in_subprocess() -> bool:
+    """Whether a CUDA device is usable (asked in a child, so this process never initialises CUDA)."""
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    except OSError:
+        return False
 
 
 def main() -> None:
@@ -176,32 +208,29 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the 8B's 32 (quick runs)")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--part", choices=["plain", "plain-eager", "ndif"], default=None)
+    parser.add_argument("--part", choices=PARTS, default=None)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--profile", default=None, help="write a profile of the engine thread (save case) here")
     args = parser.parse_args()
 
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    if not cuda:
-        print("vllm benchmark: skipped (no CUDA device here; run it on a GPU machine, see docs/vllm.md)")
-        return
-    if args.part is not None:  # one engine, in this process
+    if args.part is not None:  # one engine, in this process (CUDA untouched before vLLM forks)
         if args.part == "ndif":
             result = run_ndif(args.model, args)
         else:
-            result = run_plain(args.model, args, eager=args.part == "plain-eager")
+            result = run_plain(args.model, args, eager="eager" in args.part, inproc="inproc" in args.part)
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if not _cuda_in_subprocess():
+        print("vllm benchmark: skipped (no CUDA device here; run it on a GPU machine, see docs/vllm.md)")
         return
 
     folder = write_config(Path(tempfile.mkdtemp(prefix="ndif-llama8b-")), args.layers)
     results: dict = {}
-    for part in ("plain", "plain-eager", "ndif"):
+    for part in PARTS:
         command = [sys.executable, "-m", "tests.bench.vllm", "--part", part, "--model", str(folder)]
         command += ["--requests", str(args.requests), "--tokens", str(args.tokens)]
+        if part == "ndif" and args.out is not None:
+            command += ["--profile", str(args.out / "profile-ndif-save.txt")]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if args.out is not None:
@@ -211,9 +240,9 @@ def main() -> None:
             continue
         results.update(json.loads(lines[-1][len("RESULT ") :]))
 
-    import torch
-
-    card = torch.cuda.get_device_name(0)
+    card = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"], capture_output=True, text=True
+    ).stdout.strip()
     print(
         f"\nvLLM backend, {card}, Llama-3.1-8B config (dummy weights), {args.requests} requests, "
         f"{args.tokens} tokens in and out\n"
