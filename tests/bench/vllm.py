@@ -7,8 +7,8 @@ engine's memory), one after the other:
 
 * ``plain``: vLLM as shipped (torch.compile + CUDA graphs), ``LLM.generate``;
 * ``plain-eager``: vLLM with ``enforce_eager=True``;
-* ``plain-inproc``, ``plain-eager-inproc``: the same with the engine core in the calling
-  process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as ``ndif.VLLM`` runs it;
+* ``plain-inproc``: vLLM as shipped with the engine core in the calling process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as ``ndif.VLLM`` runs it;
 * ``ndif``: one ``ndif.VLLM`` engine, 256 concurrent traces (threads) per case: no
   intervention (the body only saves ``tracer.result``), a save of one layer's output at
   every step of every request, a steering vector added at one layer at every step of
@@ -72,7 +72,7 @@ ENGINE = {
 
 
 #: One process each: plain vLLM as shipped, eager, both with the engine core in-process (as ndif runs it), ndif.
-PARTS = ["plain", "plain-eager", "plain-inproc", "plain-eager-inproc", "ndif"]
+PARTS = ["plain", "plain-eager", "plain-inproc", "ndif"]
 
 
 def write_config(folder: Path, layers: int | None) -> Path:
@@ -239,6 +239,8 @@ def main() -> None:
             print(f"{part}: failed (rc {done.returncode})\n{done.stderr[-3000:]}", flush=True)
             continue
         results.update(json.loads(lines[-1][len("RESULT ") :]))
+        if args.out is not None:  # after every part: a run cut short keeps what it measured
+            (args.out / "bench-vllm.json").write_text(json.dumps(results, indent=2))
 
     card = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"], capture_output=True, text=True
