@@ -80,7 +80,6 @@ class FlatBatcher:
         self._copies: list[tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, int]] = []
         self._replaced: dict[int, torch.Tensor] = {}
         self._owned: set[int] = set()
-        self.wrote: set[Key] = set()  # groups that edited a value this step
 
     def layout(self, spans: dict[Key, tuple[int, int]], total: int) -> None:
         """Rows ``[start, stop)`` of each request; ``total`` rows in all."""
@@ -129,7 +128,6 @@ class FlatBatcher:
     def widen(self, full: Any, group: Any, edited: Any) -> Any:
         spans = self._spans(group)
         size = sum(stop - start for start, stop in spans)
-        self._note_write(group)
 
         def merge(whole: Any, part: Any, where: str) -> Any:
             if isinstance(whole, torch.Tensor):
@@ -179,9 +177,6 @@ class FlatBatcher:
         self._replaced[id(whole)] = target
         return target
 
-    def _note_write(self, group: Any) -> None:
-        self.wrote.update(group.keys if isinstance(group, JobRows) else (group,))
-
     def assemble_skips(self, parts: list[tuple[Any, Any]]) -> Any:
         raise InvokeError("a serving engine runs a skipped module for the other requests")  # see ServingRun
 
@@ -198,9 +193,6 @@ class FlatBatcher:
             for start, stop in spans:
                 target[start:stop] = copy[offset : offset + stop - start]
                 offset += stop - start
-            for key, span in self.spans.items():
-                if span in spans:
-                    self.wrote.add(key)
         self._replaced.clear()
         self._owned.clear()
         return value
@@ -223,7 +215,6 @@ class ServingJob:
     context: Context | None = None
     error: BaseException | None = None
     stopped: bool = False
-    wrote: bool = False
     guard: Any = None
 
     @property
@@ -443,23 +434,17 @@ class ServingRun(Run):
         self.end_step(completing)
         self.active = set()
         self.participants = []
-        wrote = self.batcher.wrote
-        if wrote:
-            for key in wrote:
-                job = self.request_job.get(key)
-                if job is not None:
-                    job.wrote = True
-            wrote.clear()
 
     def preempted(self, key: Key) -> None:
-        """The engine preempted a request and will recompute it without ndif's edits."""
+        """The engine preempted a request: it would recompute it as one prefill, which its
+        blocks' steps (and edits) cannot follow; the job ends with a retryable error."""
         job = self.request_job.get(key)
-        if job is not None and job.wrote:
+        if job is not None:
             self._end_job(
                 job,
                 Preempted(
-                    "the engine preempted this job's request to free memory and would recompute it "
-                    "without the edits already made; submit the job again"
+                    "the engine preempted this job's request to free memory (too many long requests at "
+                    "once); its interventions cannot be replayed on the recompute: submit the job again"
                 ),
             )
 
