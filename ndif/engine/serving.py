@@ -198,7 +198,7 @@ class FlatBatcher:
         return value
 
 
-@dataclass
+@dataclass(eq=False)
 class ServingJob:
     """One job's blocks on a serving run.
 
@@ -240,7 +240,8 @@ class ServingRun(Run):
         self.passive = set(passive)
         self.jobs: dict[Key, ServingJob] = {}
         self.owner: dict[Mediator, ServingJob] = {}
-        self.request_job: dict[Key, ServingJob] = {}
+        self.requests: dict[Key, ServingJob] = {}  # every request of a job with blocks
+        self.awake: dict[Key, ServingJob] = {}  # ... whose blocks may still ask for the model
         self.started: set[Mediator] = set()
         self.active: set[Mediator] = set()  # blocks that may be served in the current phase
         self.participants: list[Mediator] = []
@@ -257,7 +258,8 @@ class ServingRun(Run):
         if not job.mediators:
             return  # nothing to serve: its requests run as plain engine requests
         for key in job.requests:
-            self.request_job[key] = job
+            self.requests[key] = job
+            self.awake[key] = job
         keys = tuple(job.requests)
         for mediator in job.wide:
             mediator.group = JobRows(job.key, keys)
@@ -276,6 +278,7 @@ class ServingRun(Run):
         for mediator in mediators:
             self._resume(mediator)
             self._resume_released()
+        self._sleep_if_dormant(job)
 
     def retire(self, job: ServingJob, results: dict[Key, Any]) -> None:
         """The job's requests are done: serve ``tracer.result`` (each request's output;
@@ -346,7 +349,8 @@ class ServingRun(Run):
         members = set(job.mediators)
         self.mediators = [m for m in self.mediators if m not in members]
         for key in job.requests:
-            self.request_job.pop(key, None)
+            self.requests.pop(key, None)
+            self.awake.pop(key, None)
         self.jobs.pop(job.key, None)
 
     def take_finished(self) -> list[ServingJob]:
@@ -367,7 +371,7 @@ class ServingRun(Run):
         sampling: set[Key] = set()
         jobs: dict[Key, ServingJob] = {}
         for item in scheduled:
-            job = self.request_job.get(item.key)
+            job = self.awake.get(item.key)
             if job is None:
                 continue
             jobs[job.key] = job
@@ -433,12 +437,24 @@ class ServingRun(Run):
         self.active = set(completing)
         self.end_step(completing)
         self.active = set()
+        for job in {self.owner[m] for m in self.participants if m in self.owner}:
+            self._sleep_if_dormant(job)
         self.participants = []
+
+    def _sleep_if_dormant(self, job: ServingJob) -> None:
+        """Stop stepping a job whose blocks all wait for ``tracer.result`` or are done: its
+        requests then run as plain engine requests (on the graphs) until they finish."""
+        for mediator in job.mediators:
+            request = mediator.pending
+            if mediator.alive and not (request is not None and request.event == RESULT):
+                return
+        for key in job.requests:
+            self.awake.pop(key, None)
 
     def preempted(self, key: Key) -> None:
         """The engine preempted a request: it would recompute it as one prefill, which its
         blocks' steps (and edits) cannot follow; the job ends with a retryable error."""
-        job = self.request_job.get(key)
+        job = self.requests.get(key)
         if job is not None:
             self._end_job(
                 job,

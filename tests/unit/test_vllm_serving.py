@@ -135,16 +135,18 @@ def test_stop_ends_the_job_early_and_keeps_what_it_saved(model):
 
 
 def test_steps_without_interventions_keep_the_graphs(model):
-    before = dict(model.step_counts)
-    with model.generate(PROMPTS[0], max_tokens=6):
-        first = model.model.layers[0].output[0].save()
+    before, steps = dict(model.step_counts), model.engine.steps
+    with model.generate(PROMPTS[0], max_tokens=8) as tracer:
+        seen = ndif.save([])
+        for step in tracer.iter[[0, 4]]:
+            seen.append(model.model.layers[0].output[0])
     counts = model.step_counts
-    assert first.shape[0] == len(PROMPTS[0])
-    assert counts["eager"] - before["eager"] == 1  # step 0 only
-    assert counts["graph"] - before["graph"] == 5
-    before = dict(model.step_counts)
-    steps = model.engine.steps
-    tokens = model.generate(PROMPTS[1], max_tokens=4, trace=False)  # no blocks at all: not an ndif step
+    assert [item.shape[0] for item in seen] == [len(PROMPTS[0]), 1]
+    assert counts["eager"] - before["eager"] == 2  # steps 0 and 4
+    assert counts["graph"] - before["graph"] == 3  # steps 1-3: the block waits for step 4
+    assert model.engine.steps - steps == 8  # steps 5-7: the block is done, plain engine steps
+    before, steps = dict(model.step_counts), model.engine.steps
+    tokens = model.generate(PROMPTS[1], max_tokens=4, trace=False)  # no blocks at all
     assert len(tokens) == 4 and model.engine.steps - steps == 4
     assert model.step_counts == before
 

@@ -56,6 +56,7 @@ class Hooks:
         self.requests: dict[str, RequestState] = {}
         self.eager_steps = 0
         self.graph_steps = 0
+        self.modes: dict[str, int] = {}  # how vLLM ran each dispatched forward: NONE, PIECEWISE, FULL
 
     # -- one step ----------------------------------------------------------------------
 
@@ -66,11 +67,11 @@ class Hooks:
             run.end()
             self.stepping = False
         for key in scheduler_output.preempted_req_ids or ():
-            if key in run.request_job:
+            if key in run.requests:
                 run.preempted(key)
         for key in scheduler_output.finished_req_ids:
             self.requests.pop(key, None)
-        known = run.request_job
+        known = run.awake
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in known:
                 self.requests[new.req_id] = RequestState(len(new.prefill_token_ids), new.num_computed_tokens)
@@ -106,7 +107,7 @@ class Hooks:
         if not self.stepping:
             return
         starts = input_batch.query_start_loc_np
-        known = self.run.request_job
+        known = self.run.awake
         spans = {key: (int(starts[i]), int(starts[i + 1])) for i, key in enumerate(input_batch.req_ids) if key in known}
         self.run.batcher.layout(spans, int(input_batch.num_tokens_after_padding))
 
@@ -122,7 +123,7 @@ class Hooks:
             return value
         batch = self.sampled_rows
         cu = batch.cu_num_logits_np
-        known = run.request_job
+        known = run.awake
         spans = {key: (int(cu[i]), int(cu[i + 1])) for i, key in enumerate(batch.req_ids) if key in known}
         run.batcher.layout(spans, int(value.shape[0]))
         token = ACTIVE_RUN.set(run)
@@ -231,13 +232,17 @@ def install(runner: Any) -> Hooks:
 
         def eager_or_graphs(num_reqs: int, num_tokens: int, uniform: Any, num_active_loras: int = 0) -> Any:
             if hooks.eager:
-                return BatchExecutionDescriptor(
+                chosen = BatchExecutionDescriptor(
                     cg_mode=CUDAGraphMode.NONE,
                     num_tokens=num_tokens,
                     num_reqs=num_reqs,
                     num_active_loras=num_active_loras,
                 )
-            return dispatch(num_reqs, num_tokens, uniform, num_active_loras=num_active_loras)
+            else:
+                chosen = dispatch(num_reqs, num_tokens, uniform, num_active_loras=num_active_loras)
+            mode = chosen.cg_mode.name
+            hooks.modes[mode] = hooks.modes.get(mode, 0) + 1
+            return chosen
 
         manager.dispatch = eager_or_graphs
 
