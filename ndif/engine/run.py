@@ -301,6 +301,9 @@ class Run:
         """The output of a module every block waiting at its input asked to ``.skip()``."""
         return self.batcher.assemble_skips(skips) if self.batcher else skips[-1][1]
 
+    def _serving(self, slot: Slot, ready: list[Mediator]) -> None:
+        """``ready`` are about to be served at ``slot`` (a backend may prepare their values at once)."""
+
     def _ready(self, mediator: Mediator) -> bool:
         """Whether a block parked on the current event is served now (its step has come)."""
         return mediator.pending.step == mediator.step
@@ -345,6 +348,7 @@ class Run:
                 parked[:] = [m for m in parked if m not in chosen]
             if waiters.empty() and waiting.get(site) is waiters:
                 del waiting[site]
+            self._serving(slot, ready)
             for mediator in ready:
                 request = mediator.pending
                 if request is None:  # ended meanwhile (its job failed in an earlier block)

@@ -80,6 +80,9 @@ class FlatBatcher:
         self._copies: list[tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, int]] = []
         self._replaced: dict[int, torch.Tensor] = {}
         self._owned: set[int] = set()
+        self._share = False
+        self._own: dict[tuple[int, Any], torch.Tensor] = {}
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor, int, list[tuple[int, int]]]] = {}
 
     def layout(self, spans: dict[Key, tuple[int, int]], total: int) -> None:
         """Rows ``[start, stop)`` of each request; ``total`` rows in all."""
@@ -100,20 +103,52 @@ class FlatBatcher:
             raise InvokeError(f"request {group!r} has no rows in this step")
         return [span]
 
+    def prepare(self, groups: list[Any]) -> None:
+        """The current event is about to be served to blocks of ``groups``.
+
+        When they hold most of the batch's rows, each batched tensor is copied once for
+        all of them and every block reads its rows of that copy: one copy instead of one
+        per block. (A sandboxed block cannot reach past its view of the copy: storage,
+        strides and private attributes are denied.)
+        """
+        rows = 0
+        for group in groups:
+            if isinstance(group, JobRows):
+                continue
+            span = self.spans.get(group)
+            if span is not None:
+                rows += span[1] - span[0]
+        self._share = rows * 2 >= self.total and len(groups) > 1
+
     def narrow(self, value: Any, group: Any) -> Any:
         spans = self._spans(group)
         total = self.total
         copies = self._copies
+        own = self._own
+        shared = self._shared if self._share and len(spans) == 1 else None
 
         def rows(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.dim() == 0 or tensor.shape[0] != total:
                 return tensor
+            if shared is not None:
+                entry = shared.get(id(tensor))
+                if entry is None:
+                    whole = tensor.clone()
+                    entry = shared[id(tensor)] = (tensor, whole, whole._version, [])
+                start, stop = spans[0]
+                entry[3].append((start, stop))
+                return entry[1].narrow(0, start, stop - start)
+            key = (id(tensor), group)
+            copy = own.get(key)  # a block reading the value again sees its own edits
+            if copy is not None:
+                return copy
             if len(spans) == 1:
                 start, stop = spans[0]
                 copy = tensor.narrow(0, start, stop - start).clone()
             else:
                 copy = torch.cat([tensor.narrow(0, start, stop - start) for start, stop in spans])
             copies.append((tensor, spans, copy, copy._version))
+            own[key] = copy
             return copy
 
         # Normal tensors (not inference tensors), so a saved value can be edited after the job.
@@ -182,20 +217,37 @@ class FlatBatcher:
 
     def commit(self, value: Any) -> Any:
         """The event is served: write copies that blocks edited in place back into the batch."""
+        shared, self._shared = self._shared, {}
+        for source, whole, version, handed in shared.values():
+            if whole._version == version:
+                continue
+            target = self._current(source)
+            if target is source:
+                source.copy_(whole)  # rows nobody edited are copies of themselves
+            else:  # a block assigned the value meanwhile: only the rows read from the copy
+                for start, stop in handed:
+                    target.narrow(0, start, stop - start).copy_(whole.narrow(0, start, stop - start))
         copies, self._copies = self._copies, []
         for source, spans, copy, version in copies:
             if copy._version == version:
                 continue
-            target = source
-            while id(target) in self._replaced:
-                target = self._replaced[id(target)]
+            target = self._current(source)
             offset = 0
             for start, stop in spans:
-                target[start:stop] = copy[offset : offset + stop - start]
+                target.narrow(0, start, stop - start).copy_(copy.narrow(0, offset, stop - start))
                 offset += stop - start
         self._replaced.clear()
         self._owned.clear()
+        self._own.clear()
+        self._share = False
         return value
+
+    def _current(self, source: torch.Tensor) -> torch.Tensor:
+        """The tensor that now stands for ``source`` in the event's value (after assignments)."""
+        target = source
+        while id(target) in self._replaced:
+            target = self._replaced[id(target)]
+        return target
 
 
 @dataclass(eq=False)
@@ -474,6 +526,9 @@ class ServingRun(Run):
             super()._serve(slot)
         finally:
             slot.value = self.batcher.commit(slot.value)
+
+    def _serving(self, slot: Slot, ready: list[Mediator]) -> None:
+        self.batcher.prepare([mediator.group for mediator in ready])
 
     def _skipped(self, controller: Any, module: Any, args: tuple, kwargs: dict, skips: list) -> Any:
         # The other requests of the step still need the module: run it, then put each

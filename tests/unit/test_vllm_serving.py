@@ -103,6 +103,7 @@ def test_an_edit_changes_only_the_request_that_made_it(model):
         assert alone[2] == mixed[2]
     plain = save_every_step(model, PROMPTS[0])
     assert not torch.equal(plain[1][-1], steered_alone[1][-1])  # the edit did change the steered job
+    same([steered_alone[0][0]], [plain[0][0] + steer])  # reading the value again shows the block's own edit
 
 
 def test_a_block_that_raises_ends_its_own_job_only(model):
