@@ -1,0 +1,107 @@
+"""A model worker serving a vLLM deployment: many users' jobs in one engine's batches.
+
+The real `ModelActor` (called directly, not through Ray) with its local object store;
+its model is `FakeVLLM` (the backend over a CPU stand-in for vLLM's engine), so the
+actor's threads, the sandbox, the wire format and the serving engine all run for real.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from fake_vllm import FakeVLLM
+
+import ndif
+from ndif_scheduler.config import Settings
+from ndif_scheduler.storage import request_key, result_key
+from ndif_workers import actor as actor_module
+
+STEPS = 5
+
+
+@pytest.fixture
+def worker(tmp_path, monkeypatch):
+    model = FakeVLLM()
+    monkeypatch.setattr(actor_module, "load_model", lambda deployment: model)
+    deployment = {"key": "toy-vllm", "path": "toy-vllm", "backend": "vllm", "max_concurrency": 8}
+    settings = Settings(state_dir=tmp_path, job_time_s=5.0).model_dump(mode="json")
+    return actor_module.ModelActor(deployment, settings), model
+
+
+def through(worker_actor, outcomes, job_id=None):
+    """A ``remote=`` backend that runs the request on the actor as a dispatcher would."""
+
+    def backend(data: bytes) -> bytes:
+        key = job_id or uuid.uuid4().hex
+        worker_actor.store.put(request_key(key), data)
+        outcomes.append(worker_actor.run(key))
+        return worker_actor.store.get(result_key(key))
+
+    return backend
+
+
+def job(model, backend, prompt, steer=0.0):
+    with model.generate(prompt, max_tokens=STEPS, remote=backend) as tracer:
+        hidden = ndif.save([])
+        for step in tracer.iter[:STEPS]:
+            model.model.layers[1].output[0][:] += steer
+            hidden.append(model.model.layers[1].output[0])
+        tokens = tracer.result.save()
+    return hidden, tokens
+
+
+def test_concurrent_jobs_share_the_engines_steps_and_stay_apart(worker):
+    actor, model = worker
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3, 3, 3], [7, 1]]
+    outcomes: list = []
+    alone = [job(model, through(actor, outcomes), prompt, steer=0.25 * n) for n, prompt in enumerate(prompts)]
+    results: dict = {}
+    model.hold()
+    threads = [
+        threading.Thread(
+            target=lambda n=n, p=p: results.__setitem__(n, job(model, through(actor, outcomes), p, steer=0.25 * n))
+        )
+        for n, p in enumerate(prompts)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(model.engine.waiting) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    steps = model.engine.steps
+    model.release()
+    for thread in threads:
+        thread.join(30)
+    assert model.engine.steps - steps == STEPS  # six users' jobs, one engine, the steps of one job
+    for n, (hidden, tokens) in enumerate(alone):
+        assert results[n][1] == tokens
+        for a, b in zip(hidden, results[n][0]):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-12
+    assert {outcome["status"] for outcome in outcomes} == {"completed"}
+
+
+def test_a_cancelled_job_ends_alone_and_the_actor_stays_healthy(worker):
+    actor, model = worker
+    outcomes: list = []
+    model.hold()
+    cancelled = threading.Thread(target=lambda: _expect_error(model, actor, outcomes, "slow"))
+    cancelled.start()
+    deadline = time.monotonic() + 10
+    while not model.engine.waiting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert actor.cancel("slow")
+    model.release()
+    cancelled.join(30)
+    assert outcomes[0]["status"] == "cancelled"
+    hidden, tokens = job(model, through(actor, outcomes), [1, 2, 3])
+    assert len(tokens) == STEPS and outcomes[-1]["status"] == "completed"
+    assert not model._hooks.run.jobs
+    assert actor.health()["in_flight"] == 0
+
+
+def _expect_error(model, actor, outcomes, job_id):
+    with pytest.raises(Exception, match="cancelled"):
+        job(model, through(actor, outcomes, job_id), [5, 6, 7])
