@@ -29,10 +29,11 @@ This is a benchmark, not a test: nothing asserts on timings. It does check once,
 before timing, that ndif and nnsight save equal values (both wrap identical
 weights), so the two are known to do equal work.
 
-    python -m tests.bench.run [tracing] [service] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
+    python -m tests.bench.run [tracing] [service] [vllm] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
 
 With no section named, every section runs: ``tracing`` (the tracing tables, the engine
-and the wire format, against nnsight) and ``service``.
+and the wire format, against nnsight), ``service``, and ``vllm`` (`tests.bench.vllm`:
+ndif.VLLM against plain vLLM; it needs a GPU and says it skipped without one).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import torch  # noqa: E402
 from . import cases as bench_cases  # noqa: E402
 from . import engine as bench_engine  # noqa: E402
 from . import service as bench_service  # noqa: E402
+from . import vllm as bench_vllm  # noqa: E402
 from . import wire as bench_wire  # noqa: E402
 from .cases import Case, Inputs  # noqa: E402
 from .timing import Timing, measure, paired_difference, paired_ratio  # noqa: E402
@@ -67,7 +69,7 @@ from .timing import Timing, measure, paired_difference, paired_ratio  # noqa: E4
 #: (batch, tokens) of the input sizes measured.
 SIZES = ((1, 16), (8, 64))
 #: The sections ``python -m tests.bench.run SECTION...`` may name (none named: all of them).
-SECTIONS = ("tracing", "service")
+SECTIONS = ("tracing", "service", "vllm")
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -500,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if section == "tracing":
                 report.update(tracing(args))
+            elif section == "vllm":  # GPU only: ndif.VLLM against plain vLLM (tests/bench/vllm.py)
+                report["vllm"] = bench_vllm.run_all(args.json.parent if args.json is not None else None)
             elif section == "service":
                 report["service"] = bench_service.run(args)
                 print(f"(service section: {time.perf_counter() - section_began:.0f} s)")

@@ -220,34 +220,39 @@ def main() -> None:
             result = run_plain(args.model, args, eager="eager" in args.part, inproc="inproc" in args.part)
         print("RESULT " + json.dumps(result), flush=True)
         return
+
+    run_all(args.out, args.layers, args.requests, args.tokens)
+
+
+def run_all(out: Path | None, layers: int | None = None, requests: int = 256, tokens: int = 128) -> dict:
+    """Every engine in its own process; prints the table and returns the results."""
     if not _cuda_in_subprocess():
         print("vllm benchmark: skipped (no CUDA device here; run it on a GPU machine, see docs/vllm.md)")
-        return
-
-    folder = write_config(Path(tempfile.mkdtemp(prefix="ndif-llama8b-")), args.layers)
+        return {"skipped": "no CUDA device"}
+    folder = write_config(Path(tempfile.mkdtemp(prefix="ndif-llama8b-")), layers)
     results: dict = {}
     for part in PARTS:
         command = [sys.executable, "-m", "tests.bench.vllm", "--part", part, "--model", str(folder)]
-        command += ["--requests", str(args.requests), "--tokens", str(args.tokens)]
-        if part == "ndif" and args.out is not None:
-            command += ["--profile", str(args.out / "profile-ndif-save.txt")]
+        command += ["--requests", str(requests), "--tokens", str(tokens)]
+        if part == "ndif" and out is not None:
+            command += ["--profile", str(out / "profile-ndif-save.txt")]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if args.out is not None:
-            (args.out / f"bench-{part}.log").write_text(done.stdout + "\n" + done.stderr[-20000:])
+        if out is not None:
+            (out / f"bench-{part}.log").write_text(done.stdout + "\n" + done.stderr[-20000:])
         if done.returncode != 0 or not lines:
             print(f"{part}: failed (rc {done.returncode})\n{done.stderr[-3000:]}", flush=True)
             continue
         results.update(json.loads(lines[-1][len("RESULT ") :]))
-        if args.out is not None:  # after every part: a run cut short keeps what it measured
-            (args.out / "bench-vllm.json").write_text(json.dumps(results, indent=2))
+        if out is not None:  # after every part: a run cut short keeps what it measured
+            (out / "bench-vllm.json").write_text(json.dumps(results, indent=2))
 
     card = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"], capture_output=True, text=True
     ).stdout.strip()
     print(
-        f"\nvLLM backend, {card}, Llama-3.1-8B config (dummy weights), {args.requests} requests, "
-        f"{args.tokens} tokens in and out\n"
+        f"\nvLLM backend, {card}, Llama-3.1-8B config (dummy weights), {requests} requests, "
+        f"{tokens} tokens in and out\n"
     )
     plain = results.get("plain", {}).get("tok_s")
     eager = results.get("plain-eager", {}).get("tok_s")
@@ -269,9 +274,10 @@ def main() -> None:
                 met = row["tok_s"] / base >= goal[1]
                 verdict = f">= {goal[1]:.2f} x {goal[0]}: {'met' if met else 'NOT met'}"
         print(f"{name:<16}{row['tok_s']:>10.0f}{ratio_plain:>9.3f}{ratio_eager:>9.3f}   {verdict}")
-    if args.out is not None:
-        payload = {"card": card, "date": time.strftime("%Y-%m-%d"), "results": results}
-        (args.out / "bench-vllm.json").write_text(json.dumps(payload, indent=2))
+    payload = {"card": card, "date": time.strftime("%Y-%m-%d"), "results": results}
+    if out is not None:
+        (out / "bench-vllm.json").write_text(json.dumps(payload, indent=2))
+    return payload
 
 
 if __name__ == "__main__":
