@@ -156,6 +156,8 @@ class FlatBatcher:
         try:
             if isinstance(value, torch.Tensor):
                 return rows(value)
+            if type(value) is tuple:  # a decoder layer's (hidden, residual): the common case, fast
+                return tuple(map_tensors(item, rows) for item in value)
             return map_tensors(value, rows)
         finally:
             del guard
@@ -268,13 +270,12 @@ class ServingJob:
     error: BaseException | None = None
     stopped: bool = False
     guard: Any = None
+    mediators: list[Mediator] = field(default_factory=list)  # every block: the wide ones, then each request's
 
-    @property
-    def mediators(self) -> list[Mediator]:
-        blocks = list(self.wide)
+    def __post_init__(self) -> None:
+        self.mediators = list(self.wide)
         for own in self.requests.values():
-            blocks.extend(own)
-        return blocks
+            self.mediators.extend(own)
 
 
 class ServingRun(Run):
@@ -297,6 +298,7 @@ class ServingRun(Run):
         self.started: set[Mediator] = set()
         self.active: set[Mediator] = set()  # blocks that may be served in the current phase
         self.participants: list[Mediator] = []
+        self.step_jobs: list[ServingJob] = []
         self.sampling_keys: set[Key] = set()
         self.finished: list[ServingJob] = []
         self.lock = threading.Lock()  # guards `finished` (read by the thread that drives the engine)
@@ -452,6 +454,7 @@ class ServingRun(Run):
                         self._advance(mediator)
         self.steps += 1
         self.ran = set()
+        self.step_jobs = list(jobs.values())
         self.participants = [m for m in participants if m.alive]
         self.active = set(self.participants)
         self.sampling_keys = sampling
@@ -489,9 +492,11 @@ class ServingRun(Run):
         self.active = set(completing)
         self.end_step(completing)
         self.active = set()
-        for job in {self.owner[m] for m in self.participants if m in self.owner}:
-            self._sleep_if_dormant(job)
+        for job in self.step_jobs:
+            if job.key in self.jobs:
+                self._sleep_if_dormant(job)
         self.participants = []
+        self.step_jobs = []
 
     def _sleep_if_dormant(self, job: ServingJob) -> None:
         """Stop stepping a job whose blocks all wait for ``tracer.result`` or are done: its
