@@ -173,6 +173,9 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
 
     timed("warm-up", [(saving, p) for p in batch[:8]])
     timed("ndif-none", [(plain, p) for p in batch])
+    if args.only_none:
+        del results["warm-up"]
+        return results
     if args.profile:  # where the engine thread's time goes in the save case
         import cProfile
         import io
@@ -210,6 +213,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--part", choices=PARTS, default=None)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--only-none", action="store_true", help="with --part ndif: the no-intervention case only")
     parser.add_argument("--profile", default=None, help="write a profile of the engine thread (save case) here")
     args = parser.parse_args()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from contextvars import Context
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ from ...engine.mediator import Mediator
 from ...engine.serving import ServingJob, ServingRun
 
 _job_numbers = itertools.count(1)
+
+#: After a job arrives, how long the loop waits for another before stepping, and for a
+#: whole burst at most: jobs submitted together then start in the same step.
+ADMISSION_WAIT_S = 0.002
+ADMISSION_WINDOW_S = 0.02
 
 
 @dataclass
@@ -85,6 +91,10 @@ class EngineLoop:
                     self._collect(engine.step())
                 for job in self.run.take_finished():
                     self._end(job)
+                # Let callers' threads run between steps: without this the loop, which holds
+                # the GIL for most of a step, starves threads still setting up their traces,
+                # and a burst of jobs trickles in over many small steps.
+                time.sleep(0)
             except BaseException as error:  # noqa: BLE001 - an engine failure fails every job, loudly
                 self.failure = error
                 for submission in list(self.active.values()):
@@ -95,13 +105,22 @@ class EngineLoop:
                 raise
 
     def _drain(self, block: bool) -> None:
+        window_ends = None
         while True:
+            if block:
+                wait = None
+            elif window_ends is None:
+                wait = 0
+            else:  # jobs are arriving: a moment for the rest of a burst to join this step
+                wait = max(0.0, min(ADMISSION_WAIT_S, window_ends - time.monotonic()))
             try:
-                kind, item, extra = self.commands.get(block=block, timeout=None if block else 0)
+                kind, item, extra = self.commands.get(block=wait != 0, timeout=wait)
             except queue.Empty:
                 return
             block = False
             if kind == "submit":
+                if window_ends is None:
+                    window_ends = time.monotonic() + ADMISSION_WINDOW_S
                 self._admit(item)
             elif kind == "cancel":
                 if item.job is not None and item.key in self.active:
