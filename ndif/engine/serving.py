@@ -285,10 +285,22 @@ class ServingRun(Run):
         sites: The served model's sites (to explain a request for a module it lacks).
         passive: Sites served outside the forward pass (logits, samples): blocks waiting
             on them do not make a step eager.
+        shardings: Under tensor parallelism, the sites whose values each rank holds a
+            slice of (``ndif.models.vllm.tp.SiteSharding``): blocks see them whole.
+        gather: The all-gather those use (every rank serves the same events, so the
+            collectives match).
     """
 
-    def __init__(self, sites: Callable[[], Any] | None = None, passive: Iterable[Any] = ()) -> None:
+    def __init__(
+        self,
+        sites: Callable[[], Any] | None = None,
+        passive: Iterable[Any] = (),
+        shardings: dict[Any, Any] | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__([], FlatBatcher(), root=None, isolate_errors=True, sites=sites)
+        self.shardings = shardings or {}  # site -> how its values are split across tensor-parallel ranks
+        self.gather = gather
         self.batcher: FlatBatcher
         self.passive = set(passive)
         self.jobs: dict[Key, ServingJob] = {}
@@ -527,10 +539,15 @@ class ServingRun(Run):
         return mediator in self.active and mediator.pending.step == mediator.step
 
     def _serve(self, slot: Slot) -> None:
+        sharding = self.shardings.get(slot.site) if self.shardings else None
+        if sharding is not None:
+            slot.value = sharding.whole(slot.event == INPUT, slot.value, self.gather)
         try:
             super()._serve(slot)
         finally:
             slot.value = self.batcher.commit(slot.value)
+            if sharding is not None:
+                slot.value = sharding.local(slot.event == INPUT, slot.value)
 
     def _serving(self, slot: Slot, ready: list[Mediator]) -> None:
         self.batcher.prepare([mediator.group for mediator in ready])

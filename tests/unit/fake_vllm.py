@@ -257,3 +257,209 @@ class FakeVLLM(VLLM):
     def release(self) -> None:
         self.engine.gate.set()
         self._loop.call(lambda: None)  # wake the loop
+
+
+# -- tensor parallelism: a toy Llama-shaped model split across ranks like vLLM's ----------------
+#
+# Class names match vLLM's parallel layers (``ndif.models.vllm.tp`` picks its rules by name);
+# each rank holds vLLM's slices of one seeded full model, so every world size computes the
+# same function. Position-wise like `ToyForCausalLM`. Row-parallel outputs are all-reduced.
+
+
+def _all_reduce(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class QKVParallelLinear(torch.nn.Module):
+    def __init__(self, wq, wk, wv, heads, kv_heads, head_size, rank, size) -> None:
+        super().__init__()
+        self.head_size = self.v_head_size = head_size
+        self.num_heads = heads // size
+        self.num_kv_head_replicas = max(1, size // kv_heads)
+        self.num_kv_heads = max(1, kv_heads // size)
+        group = rank // self.num_kv_head_replicas
+        q = wq[rank * self.num_heads * head_size : (rank + 1) * self.num_heads * head_size]
+        kv = slice(group * self.num_kv_heads * head_size, (group + 1) * self.num_kv_heads * head_size)
+        self.weight = torch.nn.Parameter(torch.cat([q, wk[kv], wv[kv]]))
+        self.output_sizes = [
+            heads * head_size,
+            self.num_kv_heads * head_size * size,
+            self.num_kv_heads * head_size * size,
+        ]
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return torch.nn.functional.linear(x, self.weight), None
+
+
+class MergedColumnParallelLinear(torch.nn.Module):
+    def __init__(self, wg, wu, rank, size) -> None:
+        super().__init__()
+        piece = wg.shape[0] // size
+        rows = slice(rank * piece, (rank + 1) * piece)
+        self.weight = torch.nn.Parameter(torch.cat([wg[rows], wu[rows]]))
+        self.output_sizes = [wg.shape[0], wu.shape[0]]
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return torch.nn.functional.linear(x, self.weight), None
+
+
+class RowParallelLinear(torch.nn.Module):
+    def __init__(self, weight, rank, size) -> None:
+        super().__init__()
+        piece = weight.shape[1] // size
+        self.weight = torch.nn.Parameter(weight[:, rank * piece : (rank + 1) * piece].clone())
+        self.input_size_per_partition = piece
+        self.input_is_parallel = True
+        self.reduce_results = True
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return _all_reduce(torch.nn.functional.linear(x, self.weight), self.size), None
+
+
+class Attention(torch.nn.Module):
+    """Per head and position (no mixing across tokens): ``q * sigmoid(k) + v``, k/v shared by a head group."""
+
+    def __init__(self, num_heads, num_kv_heads, head_size) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        tokens = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(tokens, self.num_heads, self.head_size)
+        k = k.view(tokens, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1)
+        v = v.view(tokens, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1)
+        return (q * torch.sigmoid(k) + v).reshape(tokens, -1)
+
+
+class SiluAndMul(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.nn.functional.silu(x[..., :half]) * x[..., half:]
+
+
+class ToyTPAttention(torch.nn.Module):
+    def __init__(self, full: dict, layer: int, config: dict, rank: int, size: int) -> None:
+        super().__init__()
+        prefix = f"layers.{layer}."
+        heads, kv_heads, head_size = config["heads"], config["kv_heads"], config["head_size"]
+        self.qkv_proj = QKVParallelLinear(
+            full[prefix + "wq"], full[prefix + "wk"], full[prefix + "wv"], heads, kv_heads, head_size, rank, size
+        )
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_size)
+        self.o_proj = RowParallelLinear(full[prefix + "wo"], rank, size)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q_size = self.qkv_proj.num_heads * self.qkv_proj.head_size
+        kv_size = self.qkv_proj.num_kv_heads * self.qkv_proj.head_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        output, _ = self.o_proj(self.attn(q, k, v))
+        return output
+
+
+class ToyTPMLP(torch.nn.Module):
+    def __init__(self, full: dict, layer: int, rank: int, size: int) -> None:
+        super().__init__()
+        prefix = f"layers.{layer}."
+        self.gate_up_proj = MergedColumnParallelLinear(full[prefix + "wg"], full[prefix + "wu"], rank, size)
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(full[prefix + "wd"], rank, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        output, _ = self.down_proj(self.act_fn(gate_up))
+        return output
+
+
+class ToyTPLayer(torch.nn.Module):
+    def __init__(self, full: dict, layer: int, config: dict, rank: int, size: int) -> None:
+        super().__init__()
+        self.self_attn = ToyTPAttention(full, layer, config, rank, size)
+        self.mlp = ToyTPMLP(full, layer, rank, size)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: Any) -> tuple:
+        residual = hidden_states if residual is None else hidden_states + residual
+        residual = self.self_attn(positions, torch.tanh(residual)) + residual
+        return self.mlp(torch.tanh(residual)), residual
+
+
+class ToyTPModel(torch.nn.Module):
+    def __init__(self, full: dict, config: dict, rank: int, size: int) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(full["embed"])
+        self.layers = torch.nn.ModuleList(ToyTPLayer(full, i, config, rank, size) for i in range(config["layers"]))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return torch.tanh(hidden + residual)
+
+
+class ToyTPForCausalLM(torch.nn.Module):
+    """A Llama-shaped toy whose attention and MLP are split over ``size`` ranks as vLLM splits them."""
+
+    CONFIG = {"vocab": 64, "hidden": 16, "heads": 4, "kv_heads": 2, "head_size": 4, "intermediate": 24, "layers": 2}
+
+    def __init__(self, rank: int = 0, size: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        config = self.CONFIG
+        generator = torch.Generator().manual_seed(seed)
+
+        def weight(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64) * 0.3
+
+        hidden, head_size = config["hidden"], config["head_size"]
+        full = {"embed": weight(config["vocab"], hidden), "lm_head": weight(config["vocab"], hidden)}
+        for layer in range(config["layers"]):
+            prefix = f"layers.{layer}."
+            full[prefix + "wq"] = weight(config["heads"] * head_size, hidden)
+            full[prefix + "wk"] = weight(config["kv_heads"] * head_size, hidden)
+            full[prefix + "wv"] = weight(config["kv_heads"] * head_size, hidden)
+            full[prefix + "wo"] = weight(hidden, config["heads"] * head_size)
+            full[prefix + "wg"] = weight(config["intermediate"], hidden)
+            full[prefix + "wu"] = weight(config["intermediate"], hidden)
+            full[prefix + "wd"] = weight(hidden, config["intermediate"])
+        self.model = ToyTPModel(full, config, rank, size)
+        self.lm_head = torch.nn.Linear(hidden, config["vocab"], bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(full["lm_head"])
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+
+class FakeTPVLLM(FakeVLLM):
+    """`FakeVLLM` on one rank of a tensor-parallel toy (``torch.distributed`` initialised by the caller)."""
+
+    def __init__(self, rank: int, size: int, budget: int = 64) -> None:
+        from ndif.models.vllm.tp import model_shardings
+
+        module = ToyTPForCausalLM(rank, size).eval()
+        runner = FakeRunner(module)
+        hooks = attach(runner)
+        engine = FakeEngine(runner, budget=budget)
+        object.__setattr__(self, "engine", engine)
+        shardings = model_shardings(module, rank, size)
+        self._connect(engine, hooks, "toy-vllm", None, None, shardings=shardings, gather=_gather(size))
+
+
+def _gather(size: int) -> Any:
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        pieces = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(pieces, tensor)
+        return torch.cat(pieces, dim=-1)
+
+    return gather

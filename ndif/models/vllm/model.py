@@ -90,13 +90,32 @@ class VLLM(NNsight):
         self._connect(llm.llm_engine, hooks, source, tokenizer, rename)
         object.__setattr__(self, "llm", llm)
 
-    def _connect(self, engine: Any, hooks: Any, source: str, tokenizer: Any, rename: dict | None) -> None:
-        """Wrap the runner's model in envoys and start the engine's loop."""
+    def _connect(
+        self,
+        engine: Any,
+        hooks: Any,
+        source: str,
+        tokenizer: Any,
+        rename: dict | None,
+        shardings: dict | None = None,
+        gather: Any = None,
+    ) -> None:
+        """Wrap the runner's model in envoys and start the engine's loop.
+
+        ``shardings`` (module -> `ndif.models.vllm.tp.SiteSharding`) and ``gather`` make
+        tensor-parallel slices whole for the blocks of this rank.
+        """
         NNsight.__init__(self, hooks.root, rename=rename)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_hooks", hooks)
         object.__setattr__(self, "tokenizer", tokenizer)
-        run = ServingRun(sites=self._sites, passive=(hooks.logits.forward.site, hooks.samples.forward.site))
+        by_site = {module.forward.site: sharding for module, sharding in (shardings or {}).items()}
+        run = ServingRun(
+            sites=self._sites,
+            passive=(hooks.logits.forward.site, hooks.samples.forward.site),
+            shardings=by_site,
+            gather=gather,
+        )
         hooks.run = run
         object.__setattr__(self, "_loop", EngineLoop(engine, run))
 
