@@ -105,3 +105,21 @@ def test_a_cancelled_job_ends_alone_and_the_actor_stays_healthy(worker):
 def _expect_error(model, actor, outcomes, job_id):
     with pytest.raises(Exception, match="cancelled"):
         job(model, through(actor, outcomes, job_id), [5, 6, 7])
+
+
+def test_an_engine_failure_takes_the_replica_down_for_a_restart(worker, monkeypatch):
+    actor, model = worker
+    exits = []
+    monkeypatch.setattr(actor_module.os, "_exit", lambda code: exits.append(code))
+
+    def broken_step():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model.engine, "step", broken_step)
+    outcomes: list = []
+    with pytest.raises(Exception, match="engine failed"):
+        job(model, through(actor, outcomes), [1, 2, 3])
+    assert exits == [70]  # the process would end here; Ray restarts the actor, dispatchers retry
+    assert not model.healthy
+    with pytest.raises(RuntimeError, match="engine failed"):
+        actor.health()  # dispatchers stop routing to it meanwhile

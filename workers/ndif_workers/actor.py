@@ -14,6 +14,7 @@ running the job again.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from ndif_scheduler.registry import Deployment
 from ndif_scheduler.storage import MissingObject, open_store, request_key, result_key
 
 from .backends import load_model
+
+log = logging.getLogger(__name__)
 
 #: Error types that come from limits the service sets, not from the user's code failing.
 LIMIT_ERRORS = {"TimeLimitExceeded", "MemoryLimitExceeded", "SaveLimitExceeded"}
@@ -92,6 +95,8 @@ class ModelActor:
         return True
 
     def health(self) -> dict[str, Any]:
+        if not getattr(self.model, "healthy", True):
+            raise RuntimeError(f"{self.deployment.key}: the model's engine failed")
         with self._lock:
             in_flight = len(self._running)
         return {
@@ -119,6 +124,11 @@ class ModelActor:
             return outcome("error", "infrastructure", {"type": "WrongModel", "message": message})
         decoded = time.perf_counter() - started
         result = run_request(self.model, request, self.limits, job_id=job_id, cancel=token)
+        if not getattr(self.model, "healthy", True):
+            # The engine itself failed (a vLLM engine's thread died): no job can run here any
+            # more. End the process; Ray restarts the replica and dispatchers retry its jobs.
+            log.error("the model's engine failed; exiting so that the replica restarts")
+            os._exit(70)
         result.timings.decode = decoded
         encoded = codec.encode_result(result)
         self.store.put(result_key(job_id), encoded)

@@ -12,6 +12,7 @@ the other requests of the step are untouched).
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,12 @@ from ...engine.mediator import Mediator
 from ...engine.serving import ServingJob, ServingRun
 
 _job_numbers = itertools.count(1)
+log = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine (not a job) failed: every job in it ends, and the engine must be rebuilt."""
+
 
 #: After a job arrives, how long the loop waits for another before stepping, and for a
 #: whole burst at most: jobs submitted together then start in the same step.
@@ -65,7 +72,7 @@ class EngineLoop:
 
     def submit(self, submission: Submission) -> Future:
         if self.failure is not None:
-            raise RuntimeError("the vLLM engine stopped after an internal error") from self.failure
+            raise EngineFailed(f"the vLLM engine stopped after an internal error: {self.failure!r}")
         self.commands.put(("submit", submission, None))
         return submission.future
 
@@ -100,9 +107,10 @@ class EngineLoop:
                 for submission in list(self.active.values()):
                     if not submission.future.done():
                         submission.future.set_exception(
-                            RuntimeError(f"the vLLM engine failed: {type(error).__name__}: {error}")
+                            EngineFailed(f"the vLLM engine failed: {type(error).__name__}: {error}")
                         )
-                raise
+                log.exception("the vLLM engine failed; every job in it ended")
+                return
 
     def _drain(self, block: bool) -> None:
         window_ends = None

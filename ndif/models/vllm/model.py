@@ -216,6 +216,11 @@ class VLLM(NNsight):
     # -- inspection --------------------------------------------------------------------------
 
     @property
+    def healthy(self) -> bool:
+        """False once the engine failed (an internal error, not a job's): rebuild the model."""
+        return self._loop.failure is None and self._loop.thread.is_alive()
+
+    @property
     def step_counts(self) -> dict[str, int]:
         """How many steps with ndif requests ran eagerly, and how many on vLLM's graphs."""
         return {"eager": self._hooks.eager_steps, "graph": self._hooks.graph_steps}
