@@ -289,6 +289,10 @@ class ServingRun(Run):
             slice of (``ndif.models.vllm.tp.SiteSharding``): blocks see them whole.
         gather: The all-gather those use (every rank serves the same events, so the
             collectives match).
+        check_limits: Check each job's time limit and cancellation at every step. Off on
+            the ranks of a tensor-parallel engine, where a clock read on one rank could end a
+            job one step before another rank does (their collectives would then not match):
+            the driver decides, between steps, for all ranks.
     """
 
     def __init__(
@@ -297,8 +301,10 @@ class ServingRun(Run):
         passive: Iterable[Any] = (),
         shardings: dict[Any, Any] | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        check_limits: bool = True,
     ) -> None:
         super().__init__([], FlatBatcher(), root=None, isolate_errors=True, sites=sites)
+        self.check_limits = check_limits
         self.shardings = shardings or {}  # site -> how its values are split across tensor-parallel ranks
         self.gather = gather
         self.batcher: FlatBatcher
@@ -447,7 +453,7 @@ class ServingRun(Run):
                 sampling.add(item.key)
         participants: list[Mediator] = []
         for job in jobs.values():
-            if job.guard is not None:
+            if job.guard is not None and self.check_limits:
                 try:
                     job.guard.tick()  # its time limit and cancellation, at every step it takes part in
                 except BaseException as error:  # noqa: BLE001 - any failure ends the job only

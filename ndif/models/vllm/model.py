@@ -8,19 +8,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import copy_context
 from typing import Any
 
-import torch
-
 from ...engine.context import GUARD
-from ...engine.mediator import Mediator
 from ...engine.serving import ServingRun
 from ...tracer import InvokeSpec, Trace
 from ...tracing.errors import InvokeError
 from ..base import NNsight
 from .loop import EngineLoop, Submission
+from .requests import job_parts
 from .runner import fast_eager_kernels, install
-
-#: Sampling keywords NNsight/transformers users write, and vLLM's name for them.
-_ALIASES = {"max_new_tokens": "max_tokens"}
 
 #: Engine arguments ndif sets unless the caller does (see docs/vllm.md).
 _ENGINE_DEFAULTS: dict[str, Any] = {
@@ -141,27 +136,11 @@ class VLLM(NNsight):
     def _execute(self, trace: Trace, invokes: list[InvokeSpec], call_kwargs: dict) -> Any:
         """Submit the invokes as one job of vLLM requests and wait for them; returns each
         request's generated token ids."""
-        if trace.kind == "scan":
-            raise InvokeError("ndif.VLLM cannot scan; trace with a short max_tokens instead")
-        defaults = {"max_tokens": 1} if trace.kind == "trace" else {}
-        wide = [Mediator(edit.body(), None, "an edit") for edit in self._edits]
-        prompts, params, blocks = [], [], []
-        for spec in invokes:
-            if not spec.inputs:
-                if spec.body is not None:
-                    wide.append(Mediator(spec.body, None, spec.label))
-                continue
-            prompts.append(self._prompt(spec.inputs))
-            params.append(self._sampling({**defaults, **call_kwargs, **spec.kwargs}))
-            blocks.append([Mediator(spec.body, None, spec.label)] if spec.body is not None else [])
-        intervenes = bool(wide) or any(blocks)
-        if intervenes:
-            for prompt, param in zip(prompts, params):
-                # Its own KV blocks: it neither reads another request's cache (its prompt must
-                # pass through the modules) nor leaves edited blocks for others to read.
-                prompt["cache_salt"] = f"ndif-{id(prompt)}-{time.monotonic_ns()}"
-                param.skip_reading_prefix_cache = True
-        submission = Submission(prompts, params, blocks, wide, copy_context())
+        parts = job_parts(self._edits, trace, invokes, call_kwargs, self.tokenizer)
+        params = [self._sampling(options) for options in parts.options]
+        if parts.intervenes:
+            private_cache(parts.prompts, params)
+        submission = Submission(parts.prompts, params, parts.blocks, parts.wide, copy_context())
         return self._wait(self._loop.submit(submission), submission)
 
     def _wait(self, future: Any, submission: Submission) -> Any:
@@ -179,29 +158,7 @@ class VLLM(NNsight):
             self._loop.cancel(submission, KeyboardInterrupt())
             raise
 
-    def _prompt(self, inputs: tuple) -> dict:
-        if len(inputs) != 1:
-            raise InvokeError(f"ndif.VLLM takes one prompt per invoke, got {len(inputs)} inputs")
-        prompt = inputs[0]
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return {"prompt_token_ids": [int(t) for t in prompt["prompt_token_ids"]]}
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return {"prompt_token_ids": list(prompt)}
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvokeError("this engine has no tokenizer: pass token ids ([int, ...]) as the prompt")
-            return {"prompt_token_ids": self.tokenizer.encode(prompt)}
-        raise InvokeError(
-            f"ndif.VLLM takes a prompt as a string or a list of token ids, got {type(prompt).__name__}; "
-            "several prompts go in several invokes"
-        )
-
-    def _sampling(self, kwargs: dict) -> Any:
-        options = {_ALIASES.get(key, key): value for key, value in kwargs.items()}
-        if options.get("n", 1) != 1:
-            raise InvokeError("ndif.VLLM runs one sequence per invoke (n=1); use several invokes instead")
+    def _sampling(self, options: dict) -> Any:
         try:
             return self._sampling_params(options)
         except TypeError as error:
@@ -224,6 +181,14 @@ class VLLM(NNsight):
     def step_counts(self) -> dict[str, int]:
         """How many steps with ndif requests ran eagerly, and how many on vLLM's graphs."""
         return {"eager": self._hooks.eager_steps, "graph": self._hooks.graph_steps}
+
+
+def private_cache(prompts: list[dict], params: list[Any]) -> None:
+    """Give intervened requests their own KV blocks: they neither read another request's
+    cache (the prompt must pass through the modules) nor leave edited blocks for others."""
+    for prompt, param in zip(prompts, params):
+        prompt["cache_salt"] = f"ndif-{id(prompt)}-{time.monotonic_ns()}"
+        param.skip_reading_prefix_cache = True
 
 
 def _limit_error(guard: Any) -> BaseException:

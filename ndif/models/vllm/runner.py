@@ -53,12 +53,17 @@ class Hooks:
         self.eager = False
         self.stepping = False
         self.sampling = False
-        self.requests: dict[str, RequestState] = {}
+        self.requests: dict[str, RequestState] = {}  # by the engine's request id
+        self.alias: dict[str, Any] = {}  # the engine's request id -> ndif's key, where they differ
         self.eager_steps = 0
         self.graph_steps = 0
         self.modes: dict[str, int] = {}  # how vLLM ran each dispatched forward: NONE, PIECEWISE, FULL
 
     # -- one step ----------------------------------------------------------------------
+
+    def key(self, request_id: str) -> Any:
+        """ndif's key of an engine request (its ``extra_args["ndif_request"]``, else its id)."""
+        return self.alias.get(request_id, request_id)
 
     def plan(self, scheduler_output: Any) -> None:
         """Before the forward: which ndif requests this step schedules, and eager or not."""
@@ -66,24 +71,31 @@ class Hooks:
         if self.stepping:  # the previous step failed before sampling
             run.end()
             self.stepping = False
-        for key in scheduler_output.preempted_req_ids or ():
-            if key in run.requests:
-                run.preempted(key)
-        for key in scheduler_output.finished_req_ids:
-            self.requests.pop(key, None)
+        for request_id in scheduler_output.preempted_req_ids or ():
+            if self.key(request_id) in run.requests:
+                run.preempted(self.key(request_id))
+        for request_id in scheduler_output.finished_req_ids:
+            self.requests.pop(request_id, None)
+            self.alias.pop(request_id, None)
         known = run.awake
         for new in scheduler_output.scheduled_new_reqs:
-            if new.req_id in known:
+            extra = getattr(getattr(new, "sampling_params", None), "extra_args", None)
+            if extra and "ndif_request" in extra:
+                self.alias[new.req_id] = extra["ndif_request"]
+            if self.key(new.req_id) in known:
                 self.requests[new.req_id] = RequestState(len(new.prefill_token_ids), new.num_computed_tokens)
         cached = scheduler_output.scheduled_cached_reqs
-        for key, computed in zip(cached.req_ids, cached.num_computed_tokens):
-            state = self.requests.get(key)
+        for request_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+            state = self.requests.get(request_id)
             if state is not None:
                 state.computed = computed
         scheduled = []
-        for key, count in scheduler_output.num_scheduled_tokens.items():
-            state = self.requests.get(key)
-            if state is None or key not in known:
+        for request_id, count in scheduler_output.num_scheduled_tokens.items():
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            key = self.key(request_id)
+            if key not in known:
                 continue
             prefilling = state.computed < state.prefill_len
             scheduled.append(
@@ -124,7 +136,8 @@ class Hooks:
         batch = self.sampled_rows
         cu = batch.cu_num_logits_np
         known = run.awake
-        spans = {key: (int(cu[i]), int(cu[i + 1])) for i, key in enumerate(batch.req_ids) if key in known}
+        keys = [self.key(request_id) for request_id in batch.req_ids]
+        spans = {key: (int(cu[i]), int(cu[i + 1])) for i, key in enumerate(keys) if key in known}
         run.batcher.layout(spans, int(value.shape[0]))
         token = ACTIVE_RUN.set(run)
         try:

@@ -1,0 +1,77 @@
+"""A trace's invokes as vLLM requests: prompts, sampling options and each request's blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...engine.mediator import Mediator
+from ...tracer import InvokeSpec, Trace
+from ...tracing.errors import InvokeError
+
+#: Sampling keywords NNsight/transformers users write, and vLLM's name for them.
+ALIASES = {"max_new_tokens": "max_tokens"}
+
+
+@dataclass
+class JobParts:
+    """One job: a prompt, sampling options and blocks per request, and its job-wide blocks."""
+
+    prompts: list[dict]
+    options: list[dict]
+    blocks: list[list[Mediator]]
+    wide: list[Mediator]
+
+    @property
+    def intervenes(self) -> bool:
+        return bool(self.wide) or any(self.blocks)
+
+
+def job_parts(edits: list, trace: Trace, invokes: list[InvokeSpec], call_kwargs: dict, tokenizer: Any) -> JobParts:
+    """Split a trace into requests (one per invoke with an input) and blocks."""
+    if trace.kind == "scan":
+        raise InvokeError("ndif.VLLM cannot scan; trace with a short max_tokens instead")
+    defaults = {"max_tokens": 1} if trace.kind == "trace" else {}
+    parts = JobParts([], [], [], [Mediator(edit.body(), None, "an edit") for edit in edits])
+    for spec in invokes:
+        if not spec.inputs:
+            if spec.body is not None:
+                parts.wide.append(Mediator(spec.body, None, spec.label))
+            continue
+        parts.prompts.append(prompt_of(spec.inputs, tokenizer))
+        parts.options.append(sampling_options({**defaults, **call_kwargs, **spec.kwargs}))
+        parts.blocks.append([Mediator(spec.body, None, spec.label)] if spec.body is not None else [])
+    return parts
+
+
+def prompt_of(inputs: tuple, tokenizer: Any) -> dict:
+    """An invoke's input as a vLLM prompt: token ids, or text for the engine to tokenize."""
+    if len(inputs) != 1:
+        raise InvokeError(f"ndif.VLLM takes one prompt per invoke, got {len(inputs)} inputs")
+    prompt = inputs[0]
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return {"prompt_token_ids": [int(t) for t in prompt["prompt_token_ids"]]}
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.flatten().tolist()
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return {"prompt_token_ids": list(prompt)}
+    if isinstance(prompt, str):
+        if tokenizer is False:  # a rank: the driver's engine tokenizes
+            return {"prompt": prompt}
+        if tokenizer is None:
+            raise InvokeError("this engine has no tokenizer: pass token ids ([int, ...]) as the prompt")
+        return {"prompt_token_ids": tokenizer.encode(prompt)}
+    raise InvokeError(
+        f"ndif.VLLM takes a prompt as a string or a list of token ids, got {type(prompt).__name__}; "
+        "several prompts go in several invokes"
+    )
+
+
+def sampling_options(kwargs: dict) -> dict:
+    """Sampling keywords under vLLM's names; one sequence per request."""
+    options = {ALIASES.get(key, key): value for key, value in kwargs.items()}
+    if options.get("n", 1) != 1:
+        raise InvokeError("ndif.VLLM runs one sequence per invoke (n=1); use several invokes instead")
+    return options
