@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ndif.models.vllm.extension import NdifWorkerExtension
 from ndif.models.vllm.model import VLLM
 from ndif.models.vllm.runner import attach
 
@@ -128,6 +129,7 @@ class FakeRequest:
     external: str
     prompt: list[int]
     max_tokens: int
+    params: Any = None
     computed: int = 0
     output: list[int] = field(default_factory=list)
 
@@ -147,6 +149,7 @@ class FakeEngine:
         self.waiting: list[str] = []
         self.running: list[str] = []
         self.finished: set[str] = set()
+        self.workers: list[Any] = []
         self.gate = threading.Event()
         self.gate.set()
         self.steps = 0
@@ -154,7 +157,7 @@ class FakeEngine:
 
     def add_request(self, external: str, prompt: dict, params: Any) -> str:
         internal = f"{external}-{len(self.requests):04x}"
-        self.requests[internal] = FakeRequest(external, list(prompt["prompt_token_ids"]), params.max_tokens)
+        self.requests[internal] = FakeRequest(external, list(prompt["prompt_token_ids"]), params.max_tokens, params)
         self.waiting.append(internal)
         return internal
 
@@ -167,6 +170,10 @@ class FakeEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.gate.is_set() and bool(self.waiting or self.running)
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        """As vLLM's: call ``method`` on every worker (one here: `FakeWorker`), results in rank order."""
+        return [getattr(worker, method)(*args) for worker in self.workers]
 
     def step(self) -> list[Any]:
         budget = self.budget
@@ -193,7 +200,14 @@ class FakeEngine:
             self.running.append(key)
             counts[key] = count
             budget -= count
-            new.append(SimpleNamespace(req_id=key, prefill_token_ids=list(request.prompt), num_computed_tokens=0))
+            new.append(
+                SimpleNamespace(
+                    req_id=key,
+                    prefill_token_ids=list(request.prompt),
+                    num_computed_tokens=0,
+                    sampling_params=request.params,
+                )
+            )
         for key, count in counts.items():
             request = self.requests[key]
             tokens[key] = (request.tokens[request.computed : request.computed + count], request.computed)
@@ -463,3 +477,38 @@ def _gather(size: int) -> Any:
         return torch.cat(pieces, dim=-1)
 
     return gather
+
+
+class FakeWorker(NdifWorkerExtension):
+    """A vLLM worker with ndif's extension, in this process (one rank: no collectives)."""
+
+    def __init__(self, runner: FakeRunner) -> None:
+        self.model_runner = runner
+
+    def _ndif_hooks(self, eager_kernels: bool) -> Any:
+        return attach(self.model_runner)
+
+    def _ndif_group(self) -> tuple[int, int, Any]:
+        return 0, 1, None
+
+
+class FakeRanksVLLM(FakeVLLM):
+    """`ndif.VLLM` as on a tensor-parallel engine: traces go to the worker(s) as wire requests."""
+
+    def __init__(self, budget: int = 64, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        module = ToyForCausalLM().double().eval()
+        runner = FakeRunner(module)
+        engine = FakeEngine(runner, budget=budget)
+        worker = FakeWorker(runner)
+        engine.workers.append(worker)
+        worker.ndif_install("toy-vllm")
+        object.__setattr__(self, "engine", engine)
+        object.__setattr__(self, "worker", worker)
+        self._connect_ranks(engine, "toy-vllm", None, None)
+
+    @staticmethod
+    def _sampling_params(options: dict) -> Any:
+        params = FakeVLLM._sampling_params(options)
+        params.extra_args = None
+        return params

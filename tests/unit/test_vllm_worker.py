@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from fake_vllm import FakeVLLM
+from fake_vllm import FakeRanksVLLM, FakeVLLM
 
 import ndif
 from ndif_scheduler.config import Settings
@@ -123,3 +123,16 @@ def test_an_engine_failure_takes_the_replica_down_for_a_restart(worker, monkeypa
     assert not model.healthy
     with pytest.raises(RuntimeError, match="engine failed"):
         actor.health()  # dispatchers stop routing to it meanwhile
+
+
+def test_a_tensor_parallel_deployment_runs_requests_on_its_ranks(tmp_path, monkeypatch):
+    ranks, reference = FakeRanksVLLM(), FakeVLLM()
+    monkeypatch.setattr(actor_module, "load_model", lambda deployment: ranks)
+    deployment = {"key": "toy-vllm", "path": "toy-vllm", "backend": "vllm", "tensor_parallel_size": 2}
+    actor = actor_module.ModelActor(deployment, Settings(state_dir=tmp_path).model_dump(mode="json"))
+    outcomes: list = []
+    hidden, tokens = job(ranks, through(actor, outcomes), [4, 2, 4, 2], steer=0.5)
+    expected, expected_tokens = job(reference, None, [4, 2, 4, 2], steer=0.5)
+    assert outcomes[-1]["status"] == "completed" and tokens == expected_tokens
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(hidden, expected))
+    assert not ranks.worker.ndif.jobs

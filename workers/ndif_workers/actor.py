@@ -123,14 +123,22 @@ class ModelActor:
             message = f"this worker serves {self.deployment.key!r}, not {request.model!r}"
             return outcome("error", "infrastructure", {"type": "WrongModel", "message": message})
         decoded = time.perf_counter() - started
-        result = run_request(self.model, request, self.limits, job_id=job_id, cancel=token)
+        if getattr(self.model, "_ranks", False):
+            # A tensor-parallel engine: the request runs on its worker ranks as it came, and
+            # the first rank's encoded result comes back (decoded here only to report on it).
+            encoded = self.model.run_wire(data, self.limits, token)
+            result = codec.decode_result(encoded)
+        else:
+            result = run_request(self.model, request, self.limits, job_id=job_id, cancel=token)
+            result.timings.decode = decoded
+            encoded = None
         if not getattr(self.model, "healthy", True):
             # The engine itself failed (a vLLM engine's thread died): no job can run here any
             # more. End the process; Ray restarts the replica and dispatchers retry its jobs.
             log.error("the model's engine failed; exiting so that the replica restarts")
             os._exit(70)
-        result.timings.decode = decoded
-        encoded = codec.encode_result(result)
+        if encoded is None:
+            encoded = codec.encode_result(result)
         self.store.put(result_key(job_id), encoded)
         timings = msgspec.to_builtins(result.timings)
         extra = {"result_bytes": len(encoded), "timings": timings, "pid": os.getpid()}

@@ -54,12 +54,34 @@ class Submission:
     job: ServingJob | None = None
 
 
-class EngineLoop:
-    """Runs a vLLM ``LLMEngine`` on its own thread for many concurrent jobs."""
+@dataclass
+class WireSubmission:
+    """One job as a wire request, for an engine whose workers run the blocks (`rank.RankServer`).
 
-    def __init__(self, engine: Any, run: ServingRun) -> None:
+    Its future gets the encoded `ndif.wire.schema.Result` the first rank returns.
+    """
+
+    data: bytes
+    limits: dict
+    make_params: Any  # sampling options (plus ndif's key in extra_args) -> vLLM's SamplingParams
+    key: str = field(default_factory=lambda: f"ndif{next(_job_numbers)}")
+    future: Future = field(default_factory=Future)
+    ids: list[str] = field(default_factory=list)
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+
+
+class EngineLoop:
+    """Runs a vLLM ``LLMEngine`` on its own thread for many concurrent jobs.
+
+    Jobs come as a `Submission` (blocks that run here, on the loop's thread: the engine's
+    worker is in this process) or as a `WireSubmission` (the request is sent to every worker
+    rank, which run the blocks: ``collective_rpc`` to `extension.NdifWorkerExtension`).
+    """
+
+    def __init__(self, engine: Any, run: ServingRun | None) -> None:
         self.engine = engine
         self.run = run
+        self.wire: dict[str, WireSubmission] = {}  # by job key
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.active: dict[str, Submission] = {}  # by job key
         self.by_request: dict[str, Submission] = {}  # by the engine's request id
@@ -76,7 +98,13 @@ class EngineLoop:
         self.commands.put(("submit", submission, None))
         return submission.future
 
-    def cancel(self, submission: Submission, error: BaseException) -> None:
+    def submit_wire(self, submission: WireSubmission) -> Future:
+        if self.failure is not None:
+            raise EngineFailed(f"the vLLM engine stopped after an internal error: {self.failure!r}")
+        self.commands.put(("wire", submission, None))
+        return submission.future
+
+    def cancel(self, submission: Submission | WireSubmission, error: BaseException) -> None:
         """End a job now with ``error`` (cancelled, or over its time limit)."""
         self.commands.put(("cancel", submission, error))
 
@@ -96,15 +124,19 @@ class EngineLoop:
                 self._drain(block=not busy)
                 if engine.has_unfinished_requests():
                     self._collect(engine.step())
-                for job in self.run.take_finished():
-                    self._end(job)
+                if self.run is not None:
+                    for job in self.run.take_finished():
+                        self._end(job)
+                if self.wire:
+                    for key in self.engine.collective_rpc("ndif_poll")[0]:
+                        self._end_wire(self.wire.get(key))
                 # Let callers' threads run between steps: without this the loop, which holds
                 # the GIL for most of a step, starves threads still setting up their traces,
                 # and a burst of jobs trickles in over many small steps.
                 time.sleep(0)
             except BaseException as error:  # noqa: BLE001 - an engine failure fails every job, loudly
                 self.failure = error
-                for submission in list(self.active.values()):
+                for submission in [*self.active.values(), *self.wire.values()]:
                     if not submission.future.done():
                         submission.future.set_exception(
                             EngineFailed(f"the vLLM engine failed: {type(error).__name__}: {error}")
@@ -126,10 +158,15 @@ class EngineLoop:
             except queue.Empty:
                 return
             block = False
-            if kind == "submit":
+            if kind in ("submit", "wire"):
                 if window_ends is None:
                     window_ends = time.monotonic() + ADMISSION_WINDOW_S
-                self._admit(item)
+                if kind == "submit":
+                    self._admit(item)
+                else:
+                    self._admit_wire(item)
+            elif kind == "cancel" and isinstance(item, WireSubmission):
+                self._end_wire(item, extra)
             elif kind == "cancel":
                 if item.job is not None and item.key in self.active:
                     self._abort(item)
@@ -176,10 +213,56 @@ class EngineLoop:
             if submission is None:
                 continue
             submission.outputs[internal] = list(output.outputs[0].token_ids)
-            if len(submission.outputs) == len(submission.ids) and submission.job is not None:
+            if len(submission.outputs) < len(submission.ids):
+                continue
+            if isinstance(submission, WireSubmission):
+                self._finish_wire(submission)
+            elif submission.job is not None:
                 job = submission.job
                 if job.error is None and not job.stopped:
                     self._retire(submission)
+
+    # -- jobs whose blocks run on the engine's worker ranks ----------------------------------
+
+    def _admit_wire(self, submission: WireSubmission) -> None:
+        engine = self.engine
+        reply = engine.collective_rpc("ndif_admit", args=(submission.key, submission.data, submission.limits))[0]
+        if "result" in reply:  # it ended before reaching the model (an error at its first lines)
+            submission.future.set_result(reply["result"])
+            return
+        self.wire[submission.key] = submission
+        try:
+            for number, (prompt, options) in enumerate(zip(reply["prompts"], reply["options"])):
+                params = submission.make_params(options, f"{submission.key}/{number}")
+                prompt = {**prompt, "cache_salt": f"ndif-{submission.key}-{number}-{time.monotonic_ns()}"}
+                external = f"{submission.key}-{number}"
+                internal = engine.add_request(external, prompt, params)
+                submission.ids.append(internal)
+                self.external[external] = internal
+                self.by_request[internal] = submission
+        except BaseException as error:  # noqa: BLE001 - a bad prompt or sampling option ends this job only
+            self._end_wire(submission, error)
+
+    def _finish_wire(self, submission: WireSubmission) -> None:
+        outputs = [submission.outputs.get(key) for key in submission.ids]
+        result = self.engine.collective_rpc("ndif_finish", args=(submission.key, outputs))[0]
+        self._forget_wire(submission)
+        submission.future.set_result(result)
+
+    def _end_wire(self, submission: WireSubmission | None, error: BaseException | None = None) -> None:
+        """End a job early: its block raised or stopped (``error`` None), or the driver ends it."""
+        if submission is None or submission.key not in self.wire or submission.future.done():
+            return
+        self._abort(submission)
+        outputs = [submission.outputs.get(key) for key in submission.ids]
+        kind, message = (None, "") if error is None else (type(error).__name__, str(error))
+        result = self.engine.collective_rpc("ndif_end", args=(submission.key, kind, message, outputs))[0]
+        self._forget_wire(submission)
+        submission.future.set_result(result)
+
+    def _forget_wire(self, submission: WireSubmission) -> None:
+        self.wire.pop(submission.key, None)
+        self._forget(submission)
 
     def _retire(self, submission: Submission) -> None:
         job = submission.job

@@ -6,14 +6,17 @@ import os
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import copy_context
+from dataclasses import asdict
 from typing import Any
 
 from ...engine.context import GUARD
 from ...engine.serving import ServingRun
+from ...sandbox.limits import CancelToken, JobCancelled, JobLimits, TimeLimitExceeded
 from ...tracer import InvokeSpec, Trace
 from ...tracing.errors import InvokeError
 from ..base import NNsight
-from .loop import EngineLoop, Submission
+from .loop import EngineLoop, Submission, WireSubmission
+from .rank import build_skeleton
 from .requests import job_parts
 from .runner import fast_eager_kernels, install
 
@@ -25,6 +28,13 @@ _ENGINE_DEFAULTS: dict[str, Any] = {
     # The worker in this process (also inside a Ray actor, where vLLM would pick Ray's executor).
     "distributed_executor_backend": "uni",
 }
+
+
+#: Where vLLM finds ndif's worker methods (tensor-parallel engines).
+_EXTENSION = "ndif.models.vllm.extension.NdifWorkerExtension"
+
+#: A local trace's time limit on a tensor-parallel engine (its code runs sandboxed on the ranks).
+LOCAL_TIME_S = 24 * 3600.0
 
 
 class VLLM(NNsight):
@@ -61,28 +71,28 @@ class VLLM(NNsight):
         rename: dict | None = None,
         **engine_args: Any,
     ) -> None:
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(
-                "ndif.VLLM runs one GPU per engine in this version (tensor_parallel_size=1); "
-                "tensor parallelism is tracked in docs/vllm.md"
-            )
         if engine_args.get("speculative_config"):
             raise ValueError("ndif.VLLM does not support speculative decoding (its steps are not one token)")
-        # The engine core runs in this process, on the loop's thread: the model is reachable.
+        # The engine core runs in this process, on the loop's thread.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         source = os.fspath(model)
-        llm = LLM(source, tensor_parallel_size=1, **{**_ENGINE_DEFAULTS, **engine_args})
+        options = {**_ENGINE_DEFAULTS, **engine_args}
+        if tensor_parallel_size > 1:
+            # The model lives in one worker process per GPU; ndif's part runs there too.
+            options.update(distributed_executor_backend="mp", worker_extension_cls=_EXTENSION)
+            llm = LLM(source, tensor_parallel_size=tensor_parallel_size, **options)
+            llm.collective_rpc("ndif_install", args=(source, eager_kernels))
+            self._connect_ranks(llm.llm_engine, source, _tokenizer(llm, engine_args), rename)
+            object.__setattr__(self, "llm", llm)
+            return
+        llm = LLM(source, tensor_parallel_size=1, **options)
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
         hooks = install(runner)
         if eager_kernels:
             fast_eager_kernels(runner.model)
-        try:
-            tokenizer = None if engine_args.get("skip_tokenizer_init") else llm.get_tokenizer()
-        except Exception:  # noqa: BLE001 - a model without tokenizer files takes token ids only
-            tokenizer = None
-        self._connect(llm.llm_engine, hooks, source, tokenizer, rename)
+        self._connect(llm.llm_engine, hooks, source, _tokenizer(llm, engine_args), rename)
         object.__setattr__(self, "llm", llm)
 
     def _connect(
@@ -113,6 +123,17 @@ class VLLM(NNsight):
         )
         hooks.run = run
         object.__setattr__(self, "_loop", EngineLoop(engine, run))
+        object.__setattr__(self, "_ranks", False)
+
+    def _connect_ranks(self, engine: Any, source: str, tokenizer: Any, rename: dict | None) -> None:
+        """Envoys over the ranks' module tree (a skeleton here) and the engine's loop: traces
+        go to the ranks as wire requests (`rank.RankServer`)."""
+        NNsight.__init__(self, build_skeleton(engine.collective_rpc("ndif_structure")[0]), rename=rename)
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_hooks", None)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "_loop", EngineLoop(engine, None))
+        object.__setattr__(self, "_ranks", True)
 
     # -- the tracing API -------------------------------------------------------------------
 
@@ -125,7 +146,53 @@ class VLLM(NNsight):
         """
         if not trace:
             return self._call_untraced("generate", inputs, kwargs)[0]
-        return Trace(self, "generate", inputs, kwargs, remote=remote, blocking=blocking)
+        return Trace(self, "generate", inputs, kwargs, remote=self._route(remote), blocking=blocking)
+
+    def trace(self, *inputs: Any, trace: bool = True, remote: Any = None, blocking: bool = True, **kwargs: Any) -> Any:
+        """Open a trace of one step (``max_tokens=1``); see `generate`."""
+        if not trace:
+            return self._call_untraced("trace", inputs, kwargs)
+        return Trace(self, "trace", inputs, kwargs, remote=self._route(remote), blocking=blocking)
+
+    def session(self, remote: Any = None, blocking: bool = True) -> Any:
+        if self._ranks and remote is None:
+            raise InvokeError("a tensor-parallel ndif.VLLM runs one trace per job: use traces, not a session")
+        return super().session(remote=remote, blocking=blocking)
+
+    def _route(self, remote: Any) -> Any:
+        """Where a trace runs: on a tensor-parallel engine's ranks unless told otherwise."""
+        if remote is None and self._ranks:
+            return self._rank_backend
+        return remote
+
+    def _rank_backend(self, data: bytes) -> bytes:
+        """A local trace on a tensor-parallel engine: its wire request, run on every rank."""
+        return self.run_wire(data, JobLimits(time_s=LOCAL_TIME_S))
+
+    def run_wire(self, data: bytes, limits: JobLimits, cancel: CancelToken | None = None) -> bytes:
+        """Run an encoded request on the ranks; returns the encoded result. The deadline and
+        ``cancel`` are checked here, and the job is ended on every rank between two steps."""
+        submission = WireSubmission(data, asdict(limits), self._rank_params)
+        future = self._loop.submit_wire(submission)
+        deadline = time.monotonic() + limits.time_s
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except FutureTimeout:
+                if cancel is not None and cancel.cancelled:
+                    self._loop.cancel(submission, JobCancelled("the job was cancelled"))
+                    return future.result()
+                if time.monotonic() > deadline:
+                    self._loop.cancel(
+                        submission, TimeLimitExceeded(f"the job ran longer than its limit of {limits.time_s:g} s")
+                    )
+                    return future.result()
+
+    def _rank_params(self, options: dict, key: str) -> Any:
+        params = self._sampling(options)
+        params.extra_args = {**(params.extra_args or {}), "ndif_request": key}
+        params.skip_reading_prefix_cache = True
+        return params
 
     def _model_key(self) -> str:
         return self._source
@@ -180,7 +247,19 @@ class VLLM(NNsight):
     @property
     def step_counts(self) -> dict[str, int]:
         """How many steps with ndif requests ran eagerly, and how many on vLLM's graphs."""
+        if self._ranks:
+            counts = self._loop.call(lambda: self._loop.engine.collective_rpc("ndif_counts")[0])
+            return {"eager": counts["eager"], "graph": counts["graph"]}
         return {"eager": self._hooks.eager_steps, "graph": self._hooks.graph_steps}
+
+
+def _tokenizer(llm: Any, engine_args: dict) -> Any:
+    if engine_args.get("skip_tokenizer_init"):
+        return None
+    try:
+        return llm.get_tokenizer()
+    except Exception:  # noqa: BLE001 - a model without tokenizer files takes token ids only
+        return None
 
 
 def private_cache(prompts: list[dict], params: list[Any]) -> None:

@@ -120,7 +120,8 @@ class Hooks:
             return
         starts = input_batch.query_start_loc_np
         known = self.run.awake
-        spans = {key: (int(starts[i]), int(starts[i + 1])) for i, key in enumerate(input_batch.req_ids) if key in known}
+        keys = [self.key(request_id) for request_id in input_batch.req_ids]
+        spans = {key: (int(starts[i]), int(starts[i + 1])) for i, key in enumerate(keys) if key in known}
         self.run.batcher.layout(spans, int(input_batch.num_tokens_after_padding))
 
     def begin_sampling(self, input_batch: Any) -> None:
