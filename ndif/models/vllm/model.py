@@ -50,7 +50,8 @@ class VLLM(NNsight):
 
     Args:
         model: A checkpoint directory (or anything vLLM's ``LLM`` accepts).
-        tensor_parallel_size: GPUs per engine (1 for now; see docs/vllm.md).
+        tensor_parallel_size: GPUs per engine. Above 1 the model lives in vLLM's worker
+            processes and traces run there, sandboxed, as wire requests (docs/vllm.md).
         eager_kernels: Run vLLM's CUDA kernels (rather than the native PyTorch the
             compiled graphs fuse) on the steps ndif runs eagerly.
         **engine_args: Passed to ``vllm.LLM`` (``gpu_memory_utilization``, ``dtype``, ...).

@@ -1,0 +1,74 @@
+"""Tensor parallelism on real engines (two GPUs or more; skipped otherwise).
+
+The same seeded checkpoint runs at TP=1 and TP=2, each engine in its own process (an
+in-process engine keeps its memory): a trace reads every kind of split site (the fused
+q/k/v and gate/up projections, the attention op's inputs and output, the row-parallel
+inputs, the activation) and steers one layer; the whole values and the tokens must agree
+within bf16 tolerance. Run by ``tests/gpu/run_vllm.sh`` on a two-GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if torch.cuda.device_count() < 2:
+    pytest.skip("needs two CUDA devices", allow_module_level=True)
+pytest.importorskip("vllm")
+
+import ndif  # noqa: E402
+
+SCRIPT = r"""
+import json, sys, torch, ndif
+path, size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+model = ndif.VLLM(path, tensor_parallel_size=size, gpu_memory_utilization=0.3, max_model_len=256, dtype="bfloat16")
+prompt = list(range(5, 40))
+steer = torch.full((256,), 0.25, dtype=torch.bfloat16)
+with model.generate(prompt, max_tokens=4, temperature=0.0) as tracer:
+    seen = ndif.save([])
+    for step in tracer.iter[:4]:
+        attn = model.model.layers[1].self_attn
+        seen.append(attn.qkv_proj.output[0])
+        seen.append(attn.attn.inputs[0][1])
+        seen.append(attn.attn.output)
+        seen.append(attn.o_proj.input)
+        mlp = model.model.layers[2].mlp
+        seen.append(mlp.gate_up_proj.output[0])
+        seen.append(mlp.act_fn.output)
+        seen.append(mlp.down_proj.input)
+        model.model.layers[2].output[0][:] += steer.to(model.model.layers[2].output[0].device)
+        seen.append(model.model.layers[3].output[0])
+    tokens = tracer.result.save()
+torch.save({"seen": [value.float().cpu() for value in seen], "tokens": tokens}, out)
+print("DONE", json.dumps(tokens))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return ndif.make_tiny(tmp_path_factory.mktemp("tiny-llama-tp"), layers=4, hidden=256, vocab_size=512)
+
+
+def run(checkpoint, size, tmp_path):
+    out = tmp_path / f"tp{size}.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out)], capture_output=True, text=True, timeout=500
+    )
+    assert "DONE" in done.stdout, done.stdout[-2000:] + done.stderr[-6000:]
+    return torch.load(out)
+
+
+def test_tp2_sees_and_edits_the_same_whole_values_as_tp1(checkpoint, tmp_path):
+    one, two = run(checkpoint, 1, tmp_path), run(checkpoint, 2, tmp_path)
+    assert two["tokens"] == one["tokens"]
+    assert len(two["seen"]) == len(one["seen"])
+    errors = []
+    for a, b in zip(one["seen"], two["seen"]):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        errors.append(((a - b).norm() / b.norm().clamp_min(1e-6)).item())
+    print(json.dumps({"relative_errors": errors}))
+    assert max(errors) < 2e-2, errors
