@@ -53,6 +53,29 @@ def map_tensors(value: Any, fn: Any) -> Any:
     return value
 
 
+def merge_structure(whole: Any, part: Any, tensor: Any, where: str = "the value") -> Any:
+    """``whole`` with ``part`` assigned into it, item by item of the same structure (tuples,
+    lists, dicts); ``tensor(whole, part, where)`` merges where ``whole`` is a tensor."""
+    if isinstance(whole, torch.Tensor):
+        return tensor(whole, part, where)
+    if isinstance(whole, (list, tuple)):
+        if not isinstance(part, (list, tuple)) or len(part) != len(whole):
+            raise InvokeError(
+                f"{where} is a {type(whole).__name__} of {len(whole)} items; an invoke "
+                f"assigned {type(part).__name__}. Assign the same structure (or edit an item)."
+            )
+        merged = [merge_structure(w, p, tensor, f"{where}[{i}]") for i, (w, p) in enumerate(zip(whole, part))]
+        if isinstance(whole, tuple):
+            return type(whole)(*merged) if hasattr(whole, "_fields") else type(whole)(merged)
+        return merged
+    if isinstance(whole, dict):
+        merged = whole.copy()
+        for key in whole:
+            merged[key] = merge_structure(whole[key], part[key], tensor, f"{where}[{key!r}]")
+        return merged
+    return part
+
+
 class RowBatcher:
     """Invokes stacked along dim 0; a group is ``(start, size)``.
 
@@ -84,43 +107,26 @@ class RowBatcher:
         start, size = group
         total = self.total
 
-        def merge(whole: Any, part: Any, where: str) -> Any:
-            if isinstance(whole, torch.Tensor):
-                if whole.dim() == 0 or whole.shape[0] != total:
-                    return part
-                if not isinstance(part, torch.Tensor):
-                    raise InvokeError(
-                        f"an invoke assigned a {type(part).__name__} to {where}, which is a batched "
-                        "tensor; assign a tensor with one row per prompt of this invoke"
-                    )
-                if getattr(part, "_ndif_rows", None) is not None and part._ndif_rows[0] is whole:
-                    return whole  # its own rows, edited in place or untouched
-                if part.dim() == 0 or part.shape[0] != size:
-                    raise InvokeError(
-                        f"an invoke with {size} row(s) assigned a value of shape {tuple(part.shape)} "
-                        f"to {where} (full batch shape {tuple(whole.shape)})"
-                    )
-                before = whole.narrow(0, 0, start)
-                after = whole.narrow(0, start + size, total - start - size)
-                return torch.cat([before, part.to(whole.dtype), after], dim=0)
-            if isinstance(whole, (list, tuple)):
-                if not isinstance(part, (list, tuple)) or len(part) != len(whole):
-                    raise InvokeError(
-                        f"{where} is a {type(whole).__name__} of {len(whole)} items; an invoke "
-                        f"assigned {type(part).__name__}. Assign the same structure (or edit an item)."
-                    )
-                merged = [merge(w, p, f"{where}[{i}]") for i, (w, p) in enumerate(zip(whole, part))]
-                if isinstance(whole, tuple):
-                    return type(whole)(*merged) if hasattr(whole, "_fields") else type(whole)(merged)
-                return merged
-            if isinstance(whole, dict):
-                merged = whole.copy()
-                for key in whole:
-                    merged[key] = merge(whole[key], part[key], f"{where}[{key!r}]")
-                return merged
-            return part
+        def rows(whole: torch.Tensor, part: Any, where: str) -> Any:
+            if whole.dim() == 0 or whole.shape[0] != total:
+                return part
+            if not isinstance(part, torch.Tensor):
+                raise InvokeError(
+                    f"an invoke assigned a {type(part).__name__} to {where}, which is a batched "
+                    "tensor; assign a tensor with one row per prompt of this invoke"
+                )
+            if getattr(part, "_ndif_rows", None) is not None and part._ndif_rows[0] is whole:
+                return whole  # its own rows, edited in place or untouched
+            if part.dim() == 0 or part.shape[0] != size:
+                raise InvokeError(
+                    f"an invoke with {size} row(s) assigned a value of shape {tuple(part.shape)} "
+                    f"to {where} (full batch shape {tuple(whole.shape)})"
+                )
+            before = whole.narrow(0, 0, start)
+            after = whole.narrow(0, start + size, total - start - size)
+            return torch.cat([before, part.to(whole.dtype), after], dim=0)
 
-        return merge(full, edited, "the value")
+        return merge_structure(full, edited, rows)
 
     def assemble_skips(self, parts: list[tuple[Group, Any]]) -> Any:
         if len(parts) == 1 and parts[0][0] is None:

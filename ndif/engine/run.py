@@ -143,6 +143,17 @@ class Run:
         """The model is done: serve ``tracer.result`` and settle every block still waiting."""
         self.finishing = True
         slot = Slot(RESULT, None, result)
+
+        def serve(mediator: Mediator, request: Request) -> None:
+            self._resume(mediator, apply_op(request, slot, self.batcher, mediator.group), slot=slot)
+
+        self._wind_down(self.mediators, serve, "check the number passed to tracer.barrier(n)")
+        return slot.value
+
+    def _wind_down(self, mediators: list[Mediator], serve: Callable[[Mediator, Request], None], hint: str) -> None:
+        """Settle ``mediators``: serve those waiting for ``tracer.result`` with ``serve``, end
+        step loops waiting for steps that never came, report barriers never completed."""
+        members = set(mediators)
         while True:
             progressed = False
             for site in list(self.waiting):
@@ -150,33 +161,34 @@ class Run:
                 if waiters is None:
                     continue
                 for mediator in waiters.inputs + waiters.outputs:
-                    progressed = True
-                    self._settle(mediator)
-            if self.results:
+                    if mediator in members:
+                        progressed = True
+                        self._settle(mediator)
+            waiting = [mediator for mediator in self.results if mediator in members]
+            if waiting:
                 progressed = True
-                waiting, self.results = self.results, []
+                self.results = [mediator for mediator in self.results if mediator not in members]
                 for mediator in waiting:
                     request, mediator.pending = mediator.pending, None
                     if self.stopped:
                         self._kill(mediator)
                         continue
-                    self._resume(mediator, apply_op(request, slot, self.batcher, mediator.group), slot=slot)
+                    serve(mediator, request)
             if self.released:
                 progressed = True
                 self._resume_released()
             if not progressed:
                 break
-        for mediator in self.mediators:
+        for mediator in mediators:
             request = mediator.pending
             if mediator.alive and request is not None and request.event == BARRIER and not self.stopped:
                 self._resume(
                     mediator,
                     error=BarrierError(
                         f"{mediator.label} waited at a barrier that fewer blocks reached than it was "
-                        "created for; check the number passed to tracer.barrier(n)"
+                        f"created for; {hint}"
                     ),
                 )
-        return slot.value
 
     def _settle(self, mediator: Mediator) -> None:
         """A block waits for a module event that can no longer happen."""

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from ..tracing.errors import BarrierError, InvokeError, NDIFError
-from .batching import map_tensors
+from ..tracing.errors import InvokeError, NDIFError
+from .batching import map_tensors, merge_structure
 from .mediator import BARRIER, INPUT, OUTPUT, READ, RESULT, Mediator, Slot
 from .run import Run
 
@@ -166,44 +166,27 @@ class FlatBatcher:
         spans = self._spans(group)
         size = sum(stop - start for start, stop in spans)
 
-        def merge(whole: Any, part: Any, where: str) -> Any:
-            if isinstance(whole, torch.Tensor):
-                if whole.dim() == 0 or whole.shape[0] != self.total:
-                    return part
-                if not isinstance(part, torch.Tensor):
-                    raise InvokeError(
-                        f"an invoke assigned a {type(part).__name__} to {where}, which is a batched "
-                        "tensor; assign a tensor with one row per token of this request"
-                    )
-                if part.dim() == 0 or part.shape[0] != size:
-                    raise InvokeError(
-                        f"a request with {size} row(s) in this step assigned a value of shape "
-                        f"{tuple(part.shape)} to {where} (the step's batch has shape {tuple(whole.shape)})"
-                    )
-                target = self._writable(whole)
-                offset = 0
-                for start, stop in spans:
-                    target[start:stop] = part[offset : offset + stop - start]
-                    offset += stop - start
-                return target
-            if isinstance(whole, (list, tuple)):
-                if not isinstance(part, (list, tuple)) or len(part) != len(whole):
-                    raise InvokeError(
-                        f"{where} is a {type(whole).__name__} of {len(whole)} items; an invoke "
-                        f"assigned {type(part).__name__}. Assign the same structure (or edit an item)."
-                    )
-                merged = [merge(w, p, f"{where}[{i}]") for i, (w, p) in enumerate(zip(whole, part))]
-                if isinstance(whole, tuple):
-                    return type(whole)(*merged) if hasattr(whole, "_fields") else type(whole)(merged)
-                return merged
-            if isinstance(whole, dict):
-                merged = whole.copy()
-                for key in whole:
-                    merged[key] = merge(whole[key], part[key], f"{where}[{key!r}]")
-                return merged
-            return part
+        def rows(whole: torch.Tensor, part: Any, where: str) -> Any:
+            if whole.dim() == 0 or whole.shape[0] != self.total:
+                return part
+            if not isinstance(part, torch.Tensor):
+                raise InvokeError(
+                    f"an invoke assigned a {type(part).__name__} to {where}, which is a batched "
+                    "tensor; assign a tensor with one row per token of this request"
+                )
+            if part.dim() == 0 or part.shape[0] != size:
+                raise InvokeError(
+                    f"a request with {size} row(s) in this step assigned a value of shape "
+                    f"{tuple(part.shape)} to {where} (the step's batch has shape {tuple(whole.shape)})"
+                )
+            target = self._writable(whole)
+            offset = 0
+            for start, stop in spans:
+                target[start:stop] = part[offset : offset + stop - start]
+                offset += stop - start
+            return target
 
-        return merge(full, edited, "the value")
+        return merge_structure(full, edited, rows)
 
     def _writable(self, whole: torch.Tensor) -> torch.Tensor:
         """A tensor to write rows into: ``whole`` itself once it is ours, else a copy."""
@@ -355,44 +338,17 @@ class ServingRun(Run):
     def retire(self, job: ServingJob, results: dict[Key, Any]) -> None:
         """The job's requests are done: serve ``tracer.result`` (each request's output;
         a job-wide block gets the list), end step loops, and drop the job's blocks."""
-        members = set(job.mediators)
-        self.active = members
+        self.active = set(job.mediators)
         self.finishing = True
+
+        def serve(mediator: Mediator, request: Any) -> None:
+            value = _result_for(mediator.group, results) if request.op == READ else None
+            self._resume(mediator, value, slot=Slot(RESULT, None, value))
+
         try:
-            while not job.stopped:
-                progressed = False
-                for site in list(self.waiting):
-                    waiters = self.waiting.get(site)
-                    if waiters is None:
-                        continue
-                    for mediator in waiters.inputs + waiters.outputs:
-                        if mediator in members:
-                            progressed = True
-                            self._settle(mediator)
-                mine = [m for m in self.results if m in members]
-                if mine:
-                    progressed = True
-                    self.results = [m for m in self.results if m not in members]
-                    for mediator in mine:
-                        request, mediator.pending = mediator.pending, None
-                        value = _result_for(mediator.group, results) if request.op == READ else None
-                        self._resume(mediator, value, slot=Slot(RESULT, None, value))
-                if self.released:
-                    progressed = True
-                    self._resume_released()
-                if not progressed:
-                    break
-            for mediator in job.mediators:
-                request = mediator.pending
-                if mediator.alive and request is not None and request.event == BARRIER and not job.stopped:
-                    self._resume(
-                        mediator,
-                        error=BarrierError(
-                            f"{mediator.label} waited at a barrier that fewer blocks reached than it was "
-                            "created for (in a serving engine, a job's requests meet at a barrier only "
-                            "in a step they share)"
-                        ),
-                    )
+            if not job.stopped:
+                hint = "in a serving engine, a job's requests meet at a barrier only in a step they share"
+                self._wind_down(job.mediators, serve, hint)
         finally:
             self.finishing = False
             self.active = set()
