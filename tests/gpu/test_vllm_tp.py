@@ -56,7 +56,10 @@ def checkpoint(tmp_path_factory):
 def run(checkpoint, size, tmp_path):
     out = tmp_path / f"tp{size}.pt"
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out)], capture_output=True, text=True, timeout=500
+        [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=500,
     )
     assert "DONE" in done.stdout, done.stdout[-2000:] + done.stderr[-6000:]
     return torch.load(out)
