@@ -235,8 +235,13 @@ class VLLM(NNsight):
     @staticmethod
     def _sampling_params(options: dict) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(**options)
+        params = SamplingParams(**options)
+        # Only a request's final output is read, as vLLM's own LLM.generate asks: the default
+        # (cumulative) builds every request's output object again at every step.
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        return params
 
     # -- inspection --------------------------------------------------------------------------
 
