@@ -23,7 +23,6 @@ are served, and `ServingRun.end`; then `ServingRun.take_finished` for jobs to en
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Hashable, Iterable
 from contextvars import Context
 from dataclasses import dataclass, field
@@ -88,12 +87,6 @@ class FlatBatcher:
         """Rows ``[start, stop)`` of each request; ``total`` rows in all."""
         self.spans = spans
         self.total = total
-
-    def present(self, group: Any) -> bool:
-        """Whether ``group`` has rows in the current layout."""
-        if isinstance(group, JobRows):
-            return any(key in self.spans for key in group.keys)
-        return group in self.spans
 
     def _spans(self, group: Any) -> list[tuple[int, int]]:
         if isinstance(group, JobRows):
@@ -180,10 +173,7 @@ class FlatBatcher:
                     f"{tuple(part.shape)} to {where} (the step's batch has shape {tuple(whole.shape)})"
                 )
             target = self._writable(whole)
-            offset = 0
-            for start, stop in spans:
-                target[start:stop] = part[offset : offset + stop - start]
-                offset += stop - start
+            _put(target, spans, part)
             return target
 
         return merge_structure(full, edited, rows)
@@ -216,11 +206,7 @@ class FlatBatcher:
         for source, spans, copy, version in copies:
             if copy._version == version:
                 continue
-            target = self._current(source)
-            offset = 0
-            for start, stop in spans:
-                target.narrow(0, start, stop - start).copy_(copy.narrow(0, offset, stop - start))
-                offset += stop - start
+            _put(self._current(source), spans, copy)
         self._replaced.clear()
         self._owned.clear()
         self._own.clear()
@@ -233,6 +219,14 @@ class FlatBatcher:
         while id(target) in self._replaced:
             target = self._replaced[id(target)]
         return target
+
+
+def _put(target: torch.Tensor, spans: list[tuple[int, int]], rows: torch.Tensor) -> None:
+    """Write ``rows`` (the spans' rows, one after the other) into ``target`` at ``spans``."""
+    offset = 0
+    for start, stop in spans:
+        target.narrow(0, start, stop - start).copy_(rows.narrow(0, offset, stop - start))
+        offset += stop - start
 
 
 @dataclass(eq=False)
@@ -253,7 +247,7 @@ class ServingJob:
     error: BaseException | None = None
     stopped: bool = False
     guard: Any = None
-    mediators: list[Mediator] = field(default_factory=list)  # every block: the wide ones, then each request's
+    mediators: list[Mediator] = field(init=False)  # every block: the wide ones, then each request's
 
     def __post_init__(self) -> None:
         self.mediators = list(self.wide)
@@ -301,8 +295,7 @@ class ServingRun(Run):
         self.participants: list[Mediator] = []
         self.step_jobs: list[ServingJob] = []
         self.sampling_keys: set[Key] = set()
-        self.finished: list[ServingJob] = []
-        self.lock = threading.Lock()  # guards `finished` (read by the thread that drives the engine)
+        self.finished: list[ServingJob] = []  # jobs to end after this step (one thread steps, admits and ends)
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -383,8 +376,7 @@ class ServingRun(Run):
 
     def take_finished(self) -> list[ServingJob]:
         """Jobs that must end now: a block raised, or called ``tracer.stop()``."""
-        with self.lock:
-            finished, self.finished = self.finished, []
+        finished, self.finished = self.finished, []
         return finished
 
     # -- steps -----------------------------------------------------------------------
@@ -526,8 +518,7 @@ class ServingRun(Run):
         job = self.owner.get(mediator)
         if job is not None and not job.stopped:
             job.stopped = True
-            with self.lock:
-                self.finished.append(job)
+            self.finished.append(job)
 
     def _failed(self, mediator: Mediator, exception: BaseException) -> None:
         super()._failed(mediator, exception)
@@ -538,8 +529,7 @@ class ServingRun(Run):
     def _end_job(self, job: ServingJob, error: BaseException) -> None:
         if job.error is None and not job.stopped:
             job.error = error
-            with self.lock:
-                self.finished.append(job)
+            self.finished.append(job)
 
     def _resume(
         self, mediator: Mediator, value: Any = None, error: BaseException | None = None, slot: Slot | None = None

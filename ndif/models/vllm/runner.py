@@ -52,7 +52,7 @@ class Hooks:
         self.samples = Passthrough()
         self.eager = False
         self.stepping = False
-        self.sampling = False
+        self.sampled_rows: Any = None  # the step's input batch while its logits and samples are served
         self.requests: dict[str, RequestState] = {}  # by the engine's request id
         self.alias: dict[str, Any] = {}  # the engine's request id -> ndif's key, where they differ
         self.eager_steps = 0
@@ -118,28 +118,30 @@ class Hooks:
     def layout_tokens(self, input_batch: Any) -> None:
         if not self.stepping:
             return
-        starts = input_batch.query_start_loc_np
-        known = self.run.awake
-        keys = [self.key(request_id) for request_id in input_batch.req_ids]
-        spans = {key: (int(starts[i]), int(starts[i + 1])) for i, key in enumerate(keys) if key in known}
+        spans = self._spans(input_batch.req_ids, input_batch.query_start_loc_np)
         self.run.batcher.layout(spans, int(input_batch.num_tokens_after_padding))
 
+    def _spans(self, request_ids: list[str], starts: Any) -> dict[Any, tuple[int, int]]:
+        """Rows ``[starts[i], starts[i + 1])`` of each ndif request, by ndif's key."""
+        known = self.run.awake
+        spans = {}
+        for i, request_id in enumerate(request_ids):
+            key = self.key(request_id)
+            if key in known:
+                spans[key] = (int(starts[i]), int(starts[i + 1]))
+        return spans
+
     def begin_sampling(self, input_batch: Any) -> None:
-        self.sampling = True
         self.sampled_rows = input_batch
         self.run.sampling()
 
     def serve(self, module: Passthrough, value: torch.Tensor) -> torch.Tensor:
         """Serve ``value`` (logits or samples, one row per request) at ``module``'s site."""
         run = self.run
-        if not self.sampling or module.forward.site not in run.waiting:
-            return value
         batch = self.sampled_rows
-        cu = batch.cu_num_logits_np
-        known = run.awake
-        keys = [self.key(request_id) for request_id in batch.req_ids]
-        spans = {key: (int(cu[i]), int(cu[i + 1])) for i, key in enumerate(keys) if key in known}
-        run.batcher.layout(spans, int(value.shape[0]))
+        if batch is None or module.forward.site not in run.waiting:
+            return value
+        run.batcher.layout(self._spans(batch.req_ids, batch.cu_num_logits_np), int(value.shape[0]))
         token = ACTIVE_RUN.set(run)
         try:
             return module(value)
@@ -147,7 +149,6 @@ class Hooks:
             ACTIVE_RUN.reset(token)
 
     def end_sampling(self) -> None:
-        self.sampling = False
         self.sampled_rows = None
 
     def finish_step(self) -> None:
