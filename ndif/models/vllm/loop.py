@@ -181,14 +181,9 @@ class EngineLoop:
                     extra.set_exception(error)
 
     def _admit(self, submission: Submission) -> None:
-        engine = self.engine
         try:
             for number, (prompt, params) in enumerate(zip(submission.prompts, submission.params)):
-                external = f"{submission.key}-{number}"
-                internal = engine.add_request(external, prompt, params)
-                submission.ids.append(internal)
-                self.external[external] = internal
-                self.by_request[internal] = submission
+                self._add(submission, number, prompt, params)
         except BaseException as error:  # noqa: BLE001 - a bad prompt or parameter fails this job only
             self._abort(submission)
             self._forget(submission)
@@ -203,6 +198,14 @@ class EngineLoop:
         )
         submission.job = job
         self.run.admit(job)
+
+    def _add(self, submission: Submission | WireSubmission, number: int, prompt: dict, params: Any) -> None:
+        """Add a job's request ``number`` to the engine, under an id ndif can map back."""
+        external = f"{submission.key}-{number}"
+        internal = self.engine.add_request(external, prompt, params)
+        submission.ids.append(internal)
+        self.external[external] = internal
+        self.by_request[internal] = submission
 
     def _collect(self, outputs: list[Any]) -> None:
         for output in outputs:
@@ -225,8 +228,7 @@ class EngineLoop:
     # -- jobs whose blocks run on the engine's worker ranks ----------------------------------
 
     def _admit_wire(self, submission: WireSubmission) -> None:
-        engine = self.engine
-        reply = engine.collective_rpc("ndif_admit", args=(submission.key, submission.data, submission.limits))[0]
+        reply = self.engine.collective_rpc("ndif_admit", args=(submission.key, submission.data, submission.limits))[0]
         if "result" in reply:  # it ended before reaching the model (an error at its first lines)
             submission.future.set_result(reply["result"])
             return
@@ -235,11 +237,7 @@ class EngineLoop:
             for number, (prompt, options) in enumerate(zip(reply["prompts"], reply["options"])):
                 params = submission.make_params(options, f"{submission.key}/{number}")
                 prompt = {**prompt, "cache_salt": f"ndif-{submission.key}-{number}-{time.monotonic_ns()}"}
-                external = f"{submission.key}-{number}"
-                internal = engine.add_request(external, prompt, params)
-                submission.ids.append(internal)
-                self.external[external] = internal
-                self.by_request[internal] = submission
+                self._add(submission, number, prompt, params)
         except BaseException as error:  # noqa: BLE001 - a bad prompt or sampling option ends this job only
             self._end_wire(submission, error)
 
