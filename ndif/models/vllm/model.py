@@ -176,18 +176,15 @@ class VLLM(NNsight):
         submission = WireSubmission(data, asdict(limits), self._rank_params)
         future = self._loop.submit_wire(submission)
         deadline = time.monotonic() + limits.time_s
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except FutureTimeout:
-                if cancel is not None and cancel.cancelled:
-                    self._loop.cancel(submission, JobCancelled("the job was cancelled"))
-                    return future.result()
-                if time.monotonic() > deadline:
-                    self._loop.cancel(
-                        submission, TimeLimitExceeded(f"the job ran longer than its limit of {limits.time_s:g} s")
-                    )
-                    return future.result()
+
+        def ended() -> BaseException | None:
+            if cancel is not None and cancel.cancelled:
+                return JobCancelled("the job was cancelled")
+            if time.monotonic() > deadline:
+                return TimeLimitExceeded(f"the job ran longer than its limit of {limits.time_s:g} s")
+            return None
+
+        return self._await(future, submission, ended)
 
     def _rank_params(self, options: dict, key: str) -> Any:
         params = self._sampling(options)
@@ -213,18 +210,30 @@ class VLLM(NNsight):
 
     def _wait(self, future: Any, submission: Submission) -> Any:
         guard = GUARD.get()  # a sandboxed job: its cancel and deadline end the engine's part too
+
+        def ended() -> BaseException | None:
+            if guard.cancelled or time.monotonic() > guard.deadline:
+                guard.expired = guard.expired or not guard.cancelled
+                return _limit_error(guard)
+            return None
+
         try:
-            while True:
-                try:
-                    return future.result(timeout=None if guard is None else 0.05)
-                except FutureTimeout:
-                    if guard.cancelled or time.monotonic() > guard.deadline:
-                        guard.expired = guard.expired or not guard.cancelled
-                        self._loop.cancel(submission, _limit_error(guard))
-                        return future.result()
+            return future.result() if guard is None else self._await(future, submission, ended)
         except KeyboardInterrupt:
             self._loop.cancel(submission, KeyboardInterrupt())
             raise
+
+    def _await(self, future: Any, submission: Any, ended: Any) -> Any:
+        """The job's outcome; ``ended()`` names an error that ends the job now (a cancel, a
+        deadline), else None."""
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except FutureTimeout:
+                error = ended()
+                if error is not None:
+                    self._loop.cancel(submission, error)
+                    return future.result()
 
     def _sampling(self, options: dict) -> Any:
         try:
