@@ -10,6 +10,7 @@ attention), so a request's rows computed in any batch equal the request computed
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -271,6 +272,29 @@ class FakeVLLM(VLLM):
     def release(self) -> None:
         self.engine.gate.set()
         self._loop.call(lambda: None)  # wake the loop
+
+    def run_together(self, jobs: list[Any]) -> list[Any]:
+        """Run ``jobs`` (callables) in threads, all queued before the engine takes a step;
+        returns what each returned, or the exception it raised."""
+        results: list[Any] = [None] * len(jobs)
+
+        def target(number: int, job: Any) -> None:
+            try:
+                results[number] = job()
+            except BaseException as error:  # noqa: BLE001 - reported to the test
+                results[number] = error
+
+        self.hold()
+        threads = [threading.Thread(target=target, args=(number, job)) for number, job in enumerate(jobs)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(self.engine.waiting) < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.release()
+        for thread in threads:
+            thread.join(30)
+        return results
 
 
 # -- tensor parallelism: a toy Llama-shaped model split across ranks like vLLM's ----------------

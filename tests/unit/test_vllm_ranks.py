@@ -38,28 +38,6 @@ def job(model, prompt, steps=4, fail_at=None, stop_at=None):
     return hidden, tokens
 
 
-def together(model, jobs):
-    results = [None] * len(jobs)
-
-    def target(number, fn):
-        try:
-            results[number] = fn()
-        except BaseException as error:  # noqa: BLE001 - reported to the test
-            results[number] = error
-
-    model.hold()
-    threads = [threading.Thread(target=target, args=(n, fn)) for n, fn in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while len(model.engine.waiting) < len(jobs) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    model.release()
-    for thread in threads:
-        thread.join(30)
-    return results
-
-
 @pytest.fixture(scope="module")
 def model():
     return FakeRanksVLLM()
@@ -78,7 +56,7 @@ def test_a_trace_runs_on_the_ranks_as_it_runs_in_process(model):
 def test_concurrent_jobs_share_steps_and_stay_apart(model):
     alone = [job(model, prompt) for prompt in PROMPTS]
     steps = model.engine.steps
-    mixed = together(model, [lambda p=p: job(model, p) for p in PROMPTS])
+    mixed = model.run_together([lambda p=p: job(model, p) for p in PROMPTS])
     assert model.engine.steps - steps == 4  # three jobs, the steps of one
     for (hidden, tokens), result in zip(alone, mixed):
         assert result[1] == tokens
@@ -87,8 +65,8 @@ def test_concurrent_jobs_share_steps_and_stay_apart(model):
 
 def test_a_raising_block_ends_its_own_job_at_its_line(model):
     alone = [job(model, prompt) for prompt in PROMPTS[1:]]
-    mixed = together(
-        model, [lambda: job(model, PROMPTS[0], fail_at=1)] + [lambda p=p: job(model, p) for p in PROMPTS[1:]]
+    mixed = model.run_together(
+        [lambda: job(model, PROMPTS[0], fail_at=1)] + [lambda p=p: job(model, p) for p in PROMPTS[1:]]
     )
     assert isinstance(mixed[0], ZeroDivisionError)
     assert any(frame.line == "hidden.append(1 / 0)" for frame in traceback.extract_tb(mixed[0].__traceback__))

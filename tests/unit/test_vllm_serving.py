@@ -8,9 +8,6 @@ the same properties are checked on a real vLLM engine by tests/gpu/test_vllm_bac
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 from fake_vllm import FakeVLLM
@@ -38,31 +35,6 @@ def save_every_step(model, prompt, steps=4, steer=None, fail_at=None):
     return hidden, mlp, tokens
 
 
-def run_together(model, jobs):
-    """Run ``jobs`` (callables) in threads, all queued before the engine takes a step."""
-    results: dict[int, object] = {}
-    model.hold()
-    threads = []
-    for number, job in enumerate(jobs):
-
-        def target(number=number, job=job):
-            try:
-                results[number] = job()
-            except BaseException as error:  # noqa: BLE001 - reported to the test
-                results[number] = error
-
-        threads.append(threading.Thread(target=target))
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while len(model.engine.waiting) < sum(1 for _ in jobs) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    model.release()
-    for thread in threads:
-        thread.join(30)
-    return [results[number] for number in range(len(jobs))]
-
-
 def same(first, second):
     assert len(first) == len(second)
     for a, b in zip(first, second):
@@ -77,7 +49,7 @@ def model():
 def test_each_job_sees_only_its_own_rows_whatever_runs_beside_it(model):
     alone = [save_every_step(model, prompt) for prompt in PROMPTS]
     plain = lambda: model.generate([7, 7, 7], max_tokens=6, trace=False)  # noqa: E731
-    together = run_together(model, [lambda p=p: save_every_step(model, p) for p in PROMPTS] + [plain])
+    together = model.run_together([lambda p=p: save_every_step(model, p) for p in PROMPTS] + [plain])
     assert together[-1] == model.generate([7, 7, 7], max_tokens=6, trace=False)
     for (hidden, mlp, tokens), (hidden_, mlp_, tokens_), prompt in zip(alone, together, PROMPTS):
         assert [h.shape[0] for h in hidden] == [len(prompt), 1, 1, 1]  # the prompt at step 0, then one token
@@ -91,8 +63,7 @@ def test_an_edit_changes_only_the_request_that_made_it(model):
     steer = torch.full((16,), 0.5, dtype=torch.float64)
     steered_alone = save_every_step(model, PROMPTS[0], steer=steer)
     others_alone = [save_every_step(model, prompt) for prompt in PROMPTS[1:]]
-    together = run_together(
-        model,
+    together = model.run_together(
         [lambda: save_every_step(model, PROMPTS[0], steer=steer)]
         + [lambda p=p: save_every_step(model, p) for p in PROMPTS[1:]],
     )
@@ -108,8 +79,7 @@ def test_an_edit_changes_only_the_request_that_made_it(model):
 
 def test_a_block_that_raises_ends_its_own_job_only(model):
     others_alone = [save_every_step(model, prompt) for prompt in PROMPTS[1:]]
-    together = run_together(
-        model,
+    together = model.run_together(
         [lambda: save_every_step(model, PROMPTS[0], fail_at=2)]
         + [lambda p=p: save_every_step(model, p) for p in PROMPTS[1:]],
     )
@@ -174,7 +144,7 @@ def test_a_block_without_input_sees_every_request_of_its_job_and_no_other(model)
                 both = model.model.layers[0].output[0].save()
         return one, two, both
 
-    (one, two, both), _ = run_together(model, [job, lambda: save_every_step(model, PROMPTS[2])])
+    (one, two, both), _ = model.run_together([job, lambda: save_every_step(model, PROMPTS[2])])
     assert both.shape[0] == len(PROMPTS[0]) + len(PROMPTS[1])
     rows = {tuple(row.tolist()) for row in both}
     assert rows == {tuple(row.tolist()) for row in torch.cat([one, two])}
@@ -186,8 +156,7 @@ def test_chunked_prefill_serves_a_request_its_own_rows_of_each_chunk():
     alone = save_every_step(model, long_prompt, steps=3)
     short_alone = save_every_step(model, PROMPTS[1], steps=3)
     chunks = model.engine.chunks
-    long_, short_ = run_together(
-        model,
+    long_, short_ = model.run_together(
         [lambda: save_every_step(model, long_prompt, steps=3), lambda: save_every_step(model, PROMPTS[1], steps=3)],
     )
     assert model.engine.chunks > chunks  # the long prompt was prefilled in several chunks
@@ -212,7 +181,7 @@ def test_a_sandboxed_job_over_its_time_limit_ends_alone(model):
         return total
 
     others_alone = [save_every_step(model, prompt) for prompt in PROMPTS[1:3]]
-    together = run_together(model, [spinning] + [lambda p=p: save_every_step(model, p) for p in PROMPTS[1:3]])
+    together = model.run_together([spinning] + [lambda p=p: save_every_step(model, p) for p in PROMPTS[1:3]])
     assert type(together[0]).__name__ == "TimeLimitExceeded"
     for alone, mixed in zip(others_alone, together[1:]):
         same(alone[0], mixed[0])

@@ -58,23 +58,10 @@ def test_concurrent_jobs_share_the_engines_steps_and_stay_apart(worker):
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3, 3, 3], [7, 1]]
     outcomes: list = []
     alone = [job(model, through(actor, outcomes), prompt, steer=0.25 * n) for n, prompt in enumerate(prompts)]
-    results: dict = {}
-    model.hold()
-    threads = [
-        threading.Thread(
-            target=lambda n=n, p=p: results.__setitem__(n, job(model, through(actor, outcomes), p, steer=0.25 * n))
-        )
-        for n, p in enumerate(prompts)
-    ]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while len(model.engine.waiting) < len(prompts) and time.monotonic() < deadline:
-        time.sleep(0.005)
     steps = model.engine.steps
-    model.release()
-    for thread in threads:
-        thread.join(30)
+    results = model.run_together(
+        [lambda n=n, p=p: job(model, through(actor, outcomes), p, steer=0.25 * n) for n, p in enumerate(prompts)]
+    )
     assert model.engine.steps - steps == STEPS  # six users' jobs, one engine, the steps of one job
     for n, (hidden, tokens) in enumerate(alone):
         assert results[n][1] == tokens
