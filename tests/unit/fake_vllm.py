@@ -288,12 +288,14 @@ class FakeVLLM(VLLM):
         threads = [threading.Thread(target=target, args=(number, job)) for number, job in enumerate(jobs)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while len(self.engine.waiting) < len(jobs) and time.monotonic() < deadline:
             time.sleep(0.005)
+        queued = len(self.engine.waiting)
         self.release()
         for thread in threads:
-            thread.join(30)
+            thread.join(60)
+        assert queued >= len(jobs), f"only {queued} requests of {len(jobs)} jobs were queued: {results}"
         return results
 
 

@@ -27,7 +27,9 @@ def worker(tmp_path, monkeypatch):
     model = FakeVLLM()
     monkeypatch.setattr(actor_module, "load_model", lambda deployment: model)
     deployment = {"key": "toy-vllm", "path": "toy-vllm", "backend": "vllm", "max_concurrency": 8}
-    settings = Settings(state_dir=tmp_path, job_time_s=5.0).model_dump(mode="json")
+    # A generous time limit: on a loaded 2-core CI machine six jobs can take seconds to be
+    # queued, and a job's time runs from its start (a 5 s limit once ended them all while held).
+    settings = Settings(state_dir=tmp_path, job_time_s=120.0).model_dump(mode="json")
     return actor_module.ModelActor(deployment, settings), model
 
 
@@ -62,6 +64,7 @@ def test_concurrent_jobs_share_the_engines_steps_and_stay_apart(worker):
     results = model.run_together(
         [lambda n=n, p=p: job(model, through(actor, outcomes), p, steer=0.25 * n) for n, p in enumerate(prompts)]
     )
+    assert not [r for r in results if isinstance(r, BaseException)], results
     assert model.engine.steps - steps == STEPS  # six users' jobs, one engine, the steps of one job
     for n, (hidden, tokens) in enumerate(alone):
         assert results[n][1] == tokens
