@@ -11,8 +11,9 @@ module is the engine side of that, free of any vLLM import so that it is tested 
   a copy the block edited in place is written back when the event has been served.
 * `ServingRun`: one long-lived `Run` per engine. Jobs are admitted and retired while it
   runs; each step the backend says which requests are scheduled (`Scheduled`), and the
-  run advances only their blocks, serves only them, and tells the backend whether any
-  of them intervenes in this step's forward (run it eagerly) or not (its compiled graph).
+  run advances only their blocks, serves only them, and tells the backend how to run
+  the step (`StepMode`): on its graphs when none of them intervenes in the forward, on
+  its graphs with taps when they wait only for tapped sites, else eagerly.
   One block's exception, ``tracer.stop()`` or time limit ends its own job only.
 
 The backend (``ndif.models.vllm``) calls, per step: `ServingRun.begin` with the
@@ -26,11 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from contextvars import Context
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 import torch
 
 from ..tracing.errors import InvokeError, NDIFError
+from ..tracing.names import names_in
 from .batching import map_tensors, merge_structure
 from .mediator import BARRIER, INPUT, OUTPUT, READ, RESULT, Mediator, Slot
 from .run import Run
@@ -229,6 +232,14 @@ def _put(target: torch.Tensor, spans: list[tuple[int, int]], rows: torch.Tensor)
         offset += stop - start
 
 
+class StepMode(IntEnum):
+    """How the backend runs a step's forward pass."""
+
+    GRAPHS = 0  # no scheduled block waits for a value of the forward: the engine's own choice
+    TAPS = 1  # blocks wait only for tapped sites: compiled code split at the taps (no FULL graph)
+    EAGER = 2  # module by module, every instrumented module reaching the run
+
+
 @dataclass(eq=False)
 class ServingJob:
     """One job's blocks on a serving run.
@@ -247,6 +258,7 @@ class ServingJob:
     error: BaseException | None = None
     stopped: bool = False
     guard: Any = None
+    taps: bool = False  # its code names no module but tapped ones: its steps may run on taps
     mediators: list[Mediator] = field(init=False)  # every block: the wide ones, then each request's
 
     def __post_init__(self) -> None:
@@ -270,6 +282,11 @@ class ServingRun(Run):
             the ranks of a tensor-parallel engine, where a clock read on one rank could end a
             job one step before another rank does (their collectives would then not match):
             the driver decides, between steps, for all ranks.
+
+    Taps (``ndif.models.vllm.taps``): the backend sets ``tapped`` (sites it can serve on a
+    compiled step) and ``untapped_names`` (names that reach any other module). A job whose
+    code uses none of those names (`ndif.tracing.names.names_in`) may take `StepMode.TAPS`
+    steps.
     """
 
     def __init__(
@@ -286,6 +303,9 @@ class ServingRun(Run):
         self.gather = gather
         self.batcher: FlatBatcher
         self.passive = set(passive)
+        self.tapped: set[Any] = set()
+        self.untapped_names: frozenset[str] = frozenset()
+        self.mode = StepMode.GRAPHS  # the current step's
         self.jobs: dict[Key, ServingJob] = {}
         self.owner: dict[Mediator, ServingJob] = {}
         self.requests: dict[Key, ServingJob] = {}  # every request of a job with blocks
@@ -305,6 +325,7 @@ class ServingRun(Run):
         self.jobs[job.key] = job
         if not job.mediators:
             return  # nothing to serve: its requests run as plain engine requests
+        job.taps = bool(self.tapped) and self._names_only_tapped(job)
         for key in job.requests:
             self.requests[key] = job
             self.awake[key] = job
@@ -327,6 +348,10 @@ class ServingRun(Run):
             self._resume(mediator)
             self._resume_released()
         self._sleep_if_dormant(job)
+
+    def _names_only_tapped(self, job: ServingJob) -> bool:
+        untapped = self.untapped_names
+        return all(untapped.isdisjoint(names_in(mediator.body)) for mediator in job.mediators)
 
     def retire(self, job: ServingJob, results: dict[Key, Any]) -> None:
         """The job's requests are done: serve ``tracer.result`` (each request's output;
@@ -381,11 +406,12 @@ class ServingRun(Run):
 
     # -- steps -----------------------------------------------------------------------
 
-    def begin(self, scheduled: list[Scheduled]) -> bool:
+    def begin(self, scheduled: list[Scheduled]) -> StepMode:
         """A step with these requests begins (only requests of admitted jobs count).
 
-        Returns whether any of their blocks waits for a value of this step's forward
-        pass: the backend then runs the step eagerly (module by module)."""
+        Returns how the backend runs its forward: on graphs if none of their blocks waits
+        for a value of it, on taps if they wait only for tapped sites (and their jobs' code
+        reaches no other module), else eagerly (module by module)."""
         keys = {item.key for item in scheduled}
         starting: set[Key] = set()
         sampling: set[Key] = set()
@@ -424,7 +450,13 @@ class ServingRun(Run):
         self.participants = [m for m in participants if m.alive]
         self.active = set(self.participants)
         self.sampling_keys = sampling
-        return any(self._intervenes(mediator) for mediator in self.participants)
+        mode = StepMode.GRAPHS
+        for mediator in self.participants:
+            mode = max(mode, self._needs(mediator))
+            if mode == StepMode.EAGER:
+                break
+        self.mode = mode
+        return mode
 
     def _advance(self, mediator: Mediator) -> None:
         if mediator in self.started:
@@ -432,15 +464,19 @@ class ServingRun(Run):
         else:
             self.started.add(mediator)
 
-    def _intervenes(self, mediator: Mediator) -> bool:
+    def _needs(self, mediator: Mediator) -> StepMode:
+        """How a step must run for this block to be served what it waits for."""
         request = mediator.pending
         if request is None:
-            return False
-        if request.event == BARRIER:
-            return True
-        if request.event in (INPUT, OUTPUT):
-            return request.step == mediator.step and request.site not in self.passive
-        return bool(mediator.caches)
+            return StepMode.GRAPHS
+        if request.event == BARRIER or (request.event not in (INPUT, OUTPUT) and mediator.caches):
+            return StepMode.EAGER
+        if request.event not in (INPUT, OUTPUT) or request.step != mediator.step or request.site in self.passive:
+            return StepMode.GRAPHS
+        tapped = request.event == OUTPUT and request.site in self.tapped
+        if tapped and not mediator.caches and self.owner[mediator].taps:
+            return StepMode.TAPS
+        return StepMode.EAGER
 
     def sampling(self) -> None:
         """The forward is over; logits and samples are served to requests that get a token."""
@@ -488,6 +524,21 @@ class ServingRun(Run):
             )
 
     # -- serving ---------------------------------------------------------------------
+
+    def serve_output(self, site: Any, value: Any) -> Any:
+        """Serve a site's output outside a module call (a tap); returns the value to use."""
+        self.ran.add(site)
+        return self._output(site, value)
+
+    def _missed(self, mediator: Mediator, request: Any) -> Exception:
+        error = super()._missed(mediator, request)
+        if self.mode == StepMode.TAPS and not (request.event == OUTPUT and request.site in self.tapped):
+            error.args = (
+                f"{error.args[0]} This step ran on vLLM's compiled graphs, which serve only layer outputs "
+                f"and logits, because the job's code names no other module; it reached {request.path} "
+                "without naming it (getattr with a computed name?). Name the module in the code.",
+            )
+        return error
 
     def _ready(self, mediator: Mediator) -> bool:
         return mediator in self.active and mediator.pending.step == mediator.step

@@ -51,7 +51,9 @@ def prompts(engine):
     return [engine.tokenizer.encode(text) for text in texts] + [list(range(5, 60))]
 
 
-def generate_saving(model, prompt, steps=6, steer=None, fail_at=None, limits=None):
+def generate_saving(model, prompt, steps=6, steer=None, fail_at=None, limits=None, eager=False):
+    """A job reading layer 2's output (and steering layer 1's) at every step: served on the
+    graphs' taps, or, with ``eager``, eagerly (it also reads an MLP, which has no tap)."""
     remote = None if limits is None else local_backend(model, limits)
     spin_at = None if limits is None else 2
     with model.generate(prompt, max_tokens=steps, temperature=0.0, remote=remote) as tracer:
@@ -59,6 +61,8 @@ def generate_saving(model, prompt, steps=6, steer=None, fail_at=None, limits=Non
         for step in tracer.iter[:steps]:
             if steer is not None:
                 model.model.layers[1].output[0][:] += steer
+            if eager:
+                model.model.layers[2].mlp.output.save()
             out = model.model.layers[2].output
             hidden.append(out[0] + out[1])  # vLLM's layer output is (hidden, residual)
             if fail_at == step:
@@ -171,18 +175,42 @@ def test_failures_end_their_own_job_only(engine, prompts):
     assert generate_saving(engine, prompts[0])[1] == generate_saving(engine, prompts[0])[1]
 
 
-def test_plain_steps_stay_on_graphs(engine, prompts):
+@pytest.mark.parametrize("site", ["layer", "mlp"])
+def test_plain_steps_stay_on_graphs(engine, prompts, site):
     before, modes = dict(engine.step_counts), dict(engine._hooks.modes)
     with engine.generate(prompts[0], max_tokens=16, temperature=0.0) as tracer:
         for step in tracer.iter[[0, 8]]:
-            engine.model.layers[0].output[0].save()
+            layer = engine.model.layers[0]
+            (layer.output[0] if site == "layer" else layer.mlp.output).save()
     after = engine.step_counts
-    assert after["eager"] - before["eager"] == 2  # steps 0 and 8 ran the model's Python
-    assert after["graph"] - before["graph"] == 7  # steps 1-7 stayed on vLLM's graphs
     ran = {mode: count - modes.get(mode, 0) for mode, count in engine._hooks.modes.items()}
-    assert ran.get("NONE") == 2 and ran.get("FULL", 0) >= 13, ran  # vLLM's own choice (FULL) for the rest
+    assert after["graph"] - before["graph"] == 7  # steps 1-7 stayed on vLLM's graphs
+    assert ran.get("FULL", 0) >= 13, ran  # vLLM's own choice (FULL) for the decode steps without reads
+    if site == "layer":  # steps 0 and 8 on the piecewise graphs, served by the taps between pieces
+        assert after["taps"] - before["taps"] == 2 and after["eager"] == before["eager"]
+        assert not ran.get("NONE") and ran.get("PIECEWISE", 0) >= 2, ran
+    else:  # an MLP has no tap: steps 0 and 8 ran the model's Python
+        assert after["eager"] - before["eager"] == 2 and after["taps"] == before["taps"]
+        assert ran.get("NONE") == 2, ran
     tokens = engine.generate(prompts[0], max_tokens=16, temperature=0.0, trace=False)
     assert len(tokens) == 16
+
+
+def test_taps_and_eager_steps_agree_and_mix(engine, prompts):
+    steer = torch.full((HIDDEN,), 1.0, dtype=torch.bfloat16, device="cuda")
+    for prompt in prompts[:3]:
+        on_taps = generate_saving(engine, prompt, steer=steer)
+        eager = generate_saving(engine, prompt, steer=steer, eager=True)
+        close(on_taps[0], eager[0])
+        assert on_taps[1] == eager[1]
+    alone = [generate_saving(engine, p, steer=steer, eager=n % 2 == 1) for n, p in enumerate(prompts)]
+    mixed = together(
+        [lambda p=p, n=n: generate_saving(engine, p, steer=steer, eager=n % 2 == 1) for n, p in enumerate(prompts)]
+    )
+    for (hidden, tokens), result in zip(alone, mixed):
+        assert not isinstance(result, BaseException), result
+        close(hidden, result[0])
+        assert tokens == result[1]
 
 
 def test_chunked_prefill_keeps_requests_apart(checkpoint, prompts):

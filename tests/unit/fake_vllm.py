@@ -21,6 +21,7 @@ import torch
 from ndif.models.vllm.extension import NdifWorkerExtension
 from ndif.models.vllm.model import VLLM
 from ndif.models.vllm.runner import attach
+from ndif.models.vllm.taps import add_taps
 
 
 class ToyMLP(torch.nn.Module):
@@ -249,9 +250,13 @@ class FakeEngine:
 class FakeVLLM(VLLM):
     """`ndif.VLLM` over `FakeEngine`/`FakeRunner` and a toy model (float64, seeded)."""
 
-    def __init__(self, budget: int = 64, chunked: bool = False, seed: int = 0, layers: int = 3) -> None:
+    def __init__(
+        self, budget: int = 64, chunked: bool = False, seed: int = 0, layers: int = 3, taps: bool = True
+    ) -> None:
         torch.manual_seed(seed)
         module = ToyForCausalLM(layers=layers).double().eval()
+        if taps:
+            add_taps(module)  # as vLLM's runner does when its graphs split at ndif::tap
         runner = FakeRunner(module)
         hooks = attach(runner)
         engine = FakeEngine(runner, budget=budget, chunked=chunked)

@@ -41,9 +41,9 @@ def same(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return FakeVLLM()
+@pytest.fixture(scope="module", params=[True, False], ids=["taps", "no-taps"])
+def model(request):
+    return FakeVLLM(taps=request.param)
 
 
 def test_each_job_sees_only_its_own_rows_whatever_runs_beside_it(model):
@@ -113,7 +113,9 @@ def test_steps_without_interventions_keep_the_graphs(model):
             seen.append(model.model.layers[0].output[0])
     counts = model.step_counts
     assert [item.shape[0] for item in seen] == [len(PROMPTS[0]), 1]
-    assert counts["eager"] - before["eager"] == 2  # steps 0 and 4
+    # Steps 0 and 4 serve the layer's output: on the graphs' taps if it has them, else eagerly.
+    served, other = ("taps", "eager") if model._hooks.run.tapped else ("eager", "taps")
+    assert counts[served] - before[served] == 2 and counts[other] == before[other]
     assert counts["graph"] - before["graph"] == 3  # steps 1-3: the block waits for step 4
     assert model.engine.steps - steps == 8  # steps 5-7: the block is done, plain engine steps
     before, steps = dict(model.step_counts), model.engine.steps

@@ -60,12 +60,14 @@ def test_concurrent_jobs_share_the_engines_steps_and_stay_apart(worker):
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3, 3, 3], [7, 1]]
     outcomes: list = []
     alone = [job(model, through(actor, outcomes), prompt, steer=0.25 * n) for n, prompt in enumerate(prompts)]
-    steps = model.engine.steps
+    steps, counts = model.engine.steps, dict(model.step_counts)
     results = model.run_together(
         [lambda n=n, p=p: job(model, through(actor, outcomes), p, steer=0.25 * n) for n, p in enumerate(prompts)]
     )
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert model.engine.steps - steps == STEPS  # six users' jobs, one engine, the steps of one job
+    # Sandboxed code that names only layer outputs is served on the graphs' taps.
+    assert model.step_counts["taps"] - counts["taps"] == STEPS and model.step_counts["eager"] == counts["eager"]
     for n, (hidden, tokens) in enumerate(alone):
         assert results[n][1] == tokens
         for a, b in zip(hidden, results[n][0]):

@@ -7,10 +7,17 @@ model's steps, one call at a time). See `rank` for what each does.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from .rank import RankServer, module_structure, rank_server
 from .runner import Hooks, fast_eager_kernels, install
+from .taps import patch_model_loading
+
+if importlib.util.find_spec("vllm") is not None:
+    # vLLM imports this module in each worker process before it loads the model: the
+    # runner then adds ndif's taps to the model before compiling it.
+    patch_model_loading()
 
 
 class NdifWorkerExtension:
@@ -54,4 +61,5 @@ class NdifWorkerExtension:
 
     def ndif_counts(self) -> dict[str, Any]:
         hooks = self.ndif.hooks
-        return {"eager": hooks.eager_steps, "graph": hooks.graph_steps, "modes": dict(hooks.modes)}
+        counts = {"eager": hooks.eager_steps, "graph": hooks.graph_steps, "taps": hooks.tap_steps}
+        return {**counts, "modes": dict(hooks.modes)}

@@ -10,7 +10,6 @@ from dataclasses import asdict
 from typing import Any
 
 from ...engine.context import GUARD
-from ...engine.serving import ServingRun
 from ...sandbox.limits import CancelToken, JobCancelled, JobLimits, TimeLimitExceeded
 from ...tracer import InvokeSpec, Trace
 from ...tracing.errors import InvokeError
@@ -19,6 +18,7 @@ from .loop import EngineLoop, Submission, WireSubmission
 from .rank import build_skeleton
 from .requests import job_parts
 from .runner import fast_eager_kernels, install
+from .taps import patch_model_loading, with_taps
 
 #: Engine arguments ndif sets unless the caller does (see docs/vllm.md).
 _ENGINE_DEFAULTS: dict[str, Any] = {
@@ -54,6 +54,9 @@ class VLLM(NNsight):
             processes and traces run there, sandboxed, as wire requests (docs/vllm.md).
         eager_kernels: Run vLLM's CUDA kernels (rather than the native PyTorch the
             compiled graphs fuse) on the steps ndif runs eagerly.
+        taps: Split the compiled graphs at every decoder layer's output (and the final
+            norm's), so that steps whose interventions read or edit only those (and logits
+            and samples) keep the other requests on graphs (`ndif.models.vllm.taps`).
         **engine_args: Passed to ``vllm.LLM`` (``gpu_memory_utilization``, ``dtype``, ...).
 
     Example::
@@ -69,6 +72,7 @@ class VLLM(NNsight):
         model: str | os.PathLike,
         tensor_parallel_size: int = 1,
         eager_kernels: bool = True,
+        taps: bool = True,
         rename: dict | None = None,
         **engine_args: Any,
     ) -> None:
@@ -80,6 +84,9 @@ class VLLM(NNsight):
 
         source = os.fspath(model)
         options = {**_ENGINE_DEFAULTS, **engine_args}
+        if taps:
+            patch_model_loading()
+            options = with_taps(options)
         if tensor_parallel_size > 1:
             # The model lives in one worker process per GPU; ndif's part runs there too.
             options.update(distributed_executor_backend="mp", worker_extension_cls=_EXTENSION)
@@ -116,13 +123,7 @@ class VLLM(NNsight):
         object.__setattr__(self, "_hooks", hooks)
         object.__setattr__(self, "tokenizer", tokenizer)
         by_site = {module.forward.site: sharding for module, sharding in (shardings or {}).items()}
-        run = ServingRun(
-            sites=self._sites,
-            passive=(hooks.logits.forward.site, hooks.samples.forward.site),
-            shardings=by_site,
-            gather=gather,
-        )
-        hooks.run = run
+        run = hooks.start_run(self, shardings=by_site, gather=gather)
         object.__setattr__(self, "_loop", EngineLoop(engine, run))
         object.__setattr__(self, "_ranks", False)
 
@@ -261,11 +262,11 @@ class VLLM(NNsight):
 
     @property
     def step_counts(self) -> dict[str, int]:
-        """How many steps with ndif requests ran eagerly, and how many on vLLM's graphs."""
+        """How many steps with ndif requests ran eagerly, on vLLM's graphs, and on taps."""
         if self._ranks:
             counts = self._loop.call(lambda: self._loop.engine.collective_rpc("ndif_counts")[0])
-            return {"eager": counts["eager"], "graph": counts["graph"]}
-        return {"eager": self._hooks.eager_steps, "graph": self._hooks.graph_steps}
+            return {"eager": counts["eager"], "graph": counts["graph"], "taps": counts["taps"]}
+        return {"eager": self._hooks.eager_steps, "graph": self._hooks.graph_steps, "taps": self._hooks.tap_steps}
 
 
 def _tokenizer(llm: Any, engine_args: dict) -> Any:

@@ -163,14 +163,7 @@ def rank_server(hooks: Any, source: str, rank: int, size: int, gather: Any) -> R
 
     model = RankModel(hooks.root, source)
     shardings = {module.forward.site: sharding for module, sharding in model_shardings(hooks.root, rank, size).items()}
-    run = ServingRun(
-        sites=model._sites,
-        passive=(hooks.logits.forward.site, hooks.samples.forward.site),
-        shardings=shardings,
-        gather=gather,
-        check_limits=False,
-    )
-    hooks.run = run
+    run = hooks.start_run(model, shardings=shardings, gather=gather, check_limits=False)
     return RankServer(model, run, hooks)
 
 

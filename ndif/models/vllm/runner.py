@@ -3,12 +3,15 @@
 `install` turns a live runner into an ndif runner after the engine is built (compiled
 and its CUDA graphs captured): its class gains `NdifRunnerMixin`, whose overrides tell
 the engine's `ServingRun` which requests each step schedules and where their rows are,
-and run a step eagerly only when one of them intervenes in its forward pass:
+and run each step as its `StepMode` says:
 
-* eager: the cudagraph dispatcher is told to return ``NONE`` and the forward context's
+* GRAPHS (no scheduled block waits for a value of the forward): vLLM's own choice stands
+  (FULL or PIECEWISE graphs, compiled code);
+* TAPS (blocks wait only for tapped sites, see `taps`): a FULL graph is swapped for the
+  PIECEWISE one of the same size, whose taps run between its pieces and serve the blocks;
+* EAGER: the cudagraph dispatcher is told to return ``NONE`` and the forward context's
   ``skip_compiled`` is set, so the model's Python runs module by module and every
-  instrumented module reaches the run;
-* otherwise vLLM's own choice stands (FULL or PIECEWISE graphs, compiled code).
+  instrumented module reaches the run.
 
 Logits and samples are served from inside ``sample()`` on every step, graphs or not,
 through two passthrough modules the root gains, ``model.logits`` and ``model.samples``.
@@ -21,7 +24,9 @@ from typing import Any
 import torch
 
 from ...engine.context import ACTIVE_RUN
-from ...engine.serving import Scheduled, ServingRun
+from ...engine.instrument import site_of
+from ...engine.serving import Scheduled, ServingRun, StepMode
+from . import taps
 
 
 class Passthrough(torch.nn.Module):
@@ -51,12 +56,14 @@ class Hooks:
         self.logits = Passthrough()
         self.samples = Passthrough()
         self.eager = False
+        self.mode = StepMode.GRAPHS  # this step's
         self.stepping = False
         self.sampled_rows: Any = None  # the step's input batch while its logits and samples are served
         self.requests: dict[str, RequestState] = {}  # by the engine's request id
         self.alias: dict[str, Any] = {}  # the engine's request id -> ndif's key, where they differ
         self.eager_steps = 0
         self.graph_steps = 0
+        self.tap_steps = 0
         self.modes: dict[str, int] = {}  # how vLLM ran each dispatched forward: NONE, PIECEWISE, FULL
 
     # -- one step ----------------------------------------------------------------------
@@ -106,12 +113,16 @@ class Hooks:
                 )
             )
         if not scheduled:
+            self.mode = StepMode.GRAPHS
             self.eager = False
             return
         self.stepping = True
-        self.eager = run.begin(scheduled)
+        self.mode = run.begin(scheduled)
+        self.eager = self.mode == StepMode.EAGER
         if self.eager:
             self.eager_steps += 1
+        elif self.mode == StepMode.TAPS:
+            self.tap_steps += 1
         else:
             self.graph_steps += 1
 
@@ -152,9 +163,57 @@ class Hooks:
         self.sampled_rows = None
 
     def finish_step(self) -> None:
+        self.mode = StepMode.GRAPHS
         if self.stepping:
             self.stepping = False
             self.run.end()
+
+    # -- taps ----------------------------------------------------------------------------
+
+    def serve_tap(self, module: torch.nn.Module, values: list[torch.Tensor], kind: int) -> None:
+        """A tapped module's output, on a TAPS step: serve it; edits go back in place."""
+        run = self.run
+        if self.mode != StepMode.TAPS or run is None:
+            return
+        if values[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a graph being captured must not hold ndif's work
+        site = site_of(module)
+        if site is None or site not in run.waiting:
+            if site is not None:
+                run.ran.add(site)
+            return
+        value = tuple(values) if kind == taps.TUPLE else values[0]
+        token = ACTIVE_RUN.set(run)
+        try:
+            served = run.serve_output(site, value)
+        finally:
+            ACTIVE_RUN.reset(token)
+        fresh = list(served) if kind == taps.TUPLE else [served]
+        if len(fresh) != len(values):
+            raise RuntimeError(f"{site.path}: an edit changed its output's structure (now {len(fresh)} values)")
+        for old, new in zip(values, fresh):
+            if new is not old:
+                old.copy_(new)
+
+    def start_run(
+        self, model: Any, shardings: dict | None = None, gather: Any = None, check_limits: bool = True
+    ) -> ServingRun:
+        """The serving run of ``model`` (the envoys over this runner's module), taps connected."""
+        run = ServingRun(
+            sites=model._sites,
+            passive=(self.logits.forward.site, self.samples.forward.site),
+            shardings=shardings,
+            gather=gather,
+            check_limits=check_limits,
+        )
+        tapped = taps.tapped_modules(self.root)
+        if tapped:
+            for module in tapped:
+                taps.connect(module, self.serve_tap)
+            run.tapped = {site_of(module) for module in tapped}
+            run.untapped_names = taps.untapped_names(model, [site_of(m) for m in (*tapped, self.logits, self.samples)])
+        self.run = run
+        return run
 
 
 class NdifRunnerMixin:
@@ -167,6 +226,7 @@ class NdifRunnerMixin:
         dummy = kwargs.get("dummy_run", args[1] if len(args) > 1 else False)
         if dummy or hooks.run is None or not hooks.run.jobs:
             hooks.eager = False
+            hooks.mode = StepMode.GRAPHS
             return super().execute_model(scheduler_output, *args, **kwargs)
         hooks.plan(scheduler_output)
         if not hooks.eager:
@@ -255,6 +315,8 @@ def install(runner: Any) -> Hooks:
                 )
             else:
                 chosen = dispatch(num_reqs, num_tokens, uniform, num_active_loras=num_active_loras)
+                if chosen.cg_mode == CUDAGraphMode.FULL and hooks.mode == StepMode.TAPS:
+                    chosen = _piecewise(manager, chosen, num_reqs, num_tokens, num_active_loras)
             mode = chosen.cg_mode.name
             hooks.modes[mode] = hooks.modes.get(mode, 0) + 1
             return chosen
@@ -269,6 +331,21 @@ def install(runner: Any) -> Hooks:
 
     runner.model.register_forward_pre_hook(run_python)
     return hooks
+
+
+def _piecewise(manager: Any, full: Any, num_reqs: int, num_tokens: int, num_active_loras: int) -> Any:
+    """The PIECEWISE graph for a step that would replay ``full`` (a FULL graph, inside which
+    taps do not run), or compiled code without graphs if none was captured for its size."""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+
+    for desc in manager._candidates.get((num_tokens, full.num_active_loras), ()):
+        fits = desc.num_tokens >= num_tokens and (desc.num_reqs is None or desc.num_reqs >= num_reqs)
+        if desc.cg_mode == CUDAGraphMode.PIECEWISE and fits:
+            return desc
+    return BatchExecutionDescriptor(
+        cg_mode=CUDAGraphMode.NONE, num_tokens=num_tokens, num_reqs=num_reqs, num_active_loras=num_active_loras
+    )
 
 
 def fast_eager_kernels(root: torch.nn.Module) -> int:
