@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -308,5 +309,10 @@ def test_interactive_traces_are_not_starved_by_a_batch(production_stack, llama):
     assert share < 1.0, f"the interactive trace waited {waited:.1f} s, until the batch had finished: {counts}"
     assert batch.wait(timeout=180, progress=False) == {"COMPLETED": 8}
     shortest = min(job.info["timings"]["run"] for job in batch.jobs())
-    # It did not wait for even one batch item to make room.
-    assert waited < shortest, f"waited {waited:.2f} s; the shortest batch item ran {shortest:.2f} s; {trail}"
+    # It did not wait for even one batch item to make room: it was running sooner than any
+    # batch item could end. (Its own run shares the CPU with the batch, so it is not counted.)
+    at = {status: datetime.fromisoformat(when.replace("Z", "+00:00")) for status, when in trail}
+    queued = (at["RUNNING"] - at["RECEIVED"]).total_seconds()
+    assert queued < shortest, (
+        f"queued {queued:.2f} s (all {waited:.2f} s); the shortest batch item ran {shortest:.2f} s; {trail}"
+    )

@@ -198,3 +198,30 @@ def test_a_job_reaching_an_untapped_module_without_naming_it_ends_alone_with_a_h
     assert "compiled graphs" in str(together[0]) and "Name the module" in str(together[0])
     same(alone[0], together[1][0])
     assert not model._hooks.run.jobs
+
+
+def test_a_block_calling_a_tapped_module_itself_serves_no_one():
+    """A logit lens calls the final norm from inside a block: on a TAPS step that call must
+    not serve the blocks (of any job) waiting for the norm's real output."""
+    model = FakeVLLM()
+
+    def lens(prompt):
+        with model.generate(prompt, max_tokens=2) as tracer:
+            seen = ndif.save([])
+            for step in tracer.iter[:2]:
+                hidden = model.model.layers[0].output[0]
+                seen.append(model.model.norm(hidden * 0 + 7.0))  # an ad-hoc call, not the forward's
+        return seen
+
+    def final(prompt):
+        with model.generate(prompt, max_tokens=2) as tracer:
+            seen = ndif.save([])
+            for step in tracer.iter[:2]:
+                seen.append(model.model.norm.output)
+        return seen
+
+    alone = final(PROMPTS[1])
+    before = dict(model.step_counts)
+    together = model.run_together([lambda: lens(PROMPTS[0]), lambda: final(PROMPTS[1])])
+    assert model.step_counts["taps"] - before["taps"] == 2
+    same(alone, together[1])

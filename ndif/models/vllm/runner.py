@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ...engine.context import ACTIVE_RUN
+from ...engine.context import ACTIVE_RUN, CURRENT_MEDIATOR
 from ...engine.instrument import site_of
 from ...engine.serving import Scheduled, ServingRun, StepMode
 from . import taps
@@ -173,8 +173,8 @@ class Hooks:
     def serve_tap(self, module: torch.nn.Module, values: list[torch.Tensor], kind: int) -> None:
         """A tapped module's output, on a TAPS step: serve it; edits go back in place."""
         run = self.run
-        if self.mode != StepMode.TAPS or run is None:
-            return
+        if self.mode != StepMode.TAPS or run is None or CURRENT_MEDIATOR.get() is not None:
+            return  # not a TAPS step, or a block calling the module itself (a logit lens)
         if values[0].is_cuda and torch.cuda.is_current_stream_capturing():
             return  # a graph being captured must not hold ndif's work
         site = site_of(module)
