@@ -136,6 +136,12 @@ class Placeholder:
     value: str = ""
 
 
+def _module_name(key: Any) -> bool:
+    """A name PyTorch accepts for a submodule or parameter: ``"proj"``, or ``"0"`` in a
+    ModuleList/Sequential; never empty, never dotted."""
+    return isinstance(key, str) and 0 < len(key) <= 256 and "." not in key and key.isprintable()
+
+
 _BIG_INT = re.compile(r"-?[0-9]{1,4000}")
 _MAX_DIMENSION = 2**40
 
@@ -165,6 +171,7 @@ _PUBLIC_NAMESPACES = (
     "numpy",
     "numpy.linalg",
     "einops",
+    "ndif.interp",
 )
 
 
@@ -802,7 +809,7 @@ class Decoder:
                 raise self._fail(f"a module's {name} must be a map")
             decoded = {}
             for key, item in group.items():
-                if not isinstance(key, str) or not key.isidentifier():
+                if not _module_name(key):
                     raise self._fail(f"bad name in a module's {name}")
                 value = None if item is None else self._value(item, depth)
                 if value is not None and not isinstance(value, kind):

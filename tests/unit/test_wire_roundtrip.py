@@ -882,6 +882,18 @@ def test_user_modules_a_probe_and_an_sae(llama) -> None:
     both(run)
 
 
+def test_a_sequential_probe_with_numbered_children(llama) -> None:
+    torch.manual_seed(0)
+    probe = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    def run(remote):
+        with llama.trace(PROMPT, remote=remote):
+            scores = probe(llama.model.layers[1].output).save()
+        return scores
+
+    both(run)
+
+
 def test_a_library_function_captured_as_a_variable(llama) -> None:
     act = torch.nn.functional.gelu
     reduce = torch.mean
