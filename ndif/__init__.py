@@ -10,6 +10,7 @@ it runs locally on any PyTorch or transformers model, with NNsight's API.
 """
 
 from . import engine as _engine  # registers the helpers rewritten bodies call
+from . import interp
 from ._version import __version__
 from .engine.cache import CacheView
 from .engine.saving import install_tensor_save, save
@@ -50,6 +51,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "interp",
     "BarrierError",
     "CacheView",
     "Envoy",

@@ -199,10 +199,21 @@ _NUMPY_ALLOW = frozenset(
 
 _NDIF_ALLOW = frozenset({"save"})
 
+#: The building blocks a remote body may use: tensor code only (file I/O and functions that
+#: run traces of their own stay out).
+_INTERP_ALLOW = frozenset(
+    """
+    SAE LinearProbe SteeringVector Recipe Steer EditFeatures ReadProbe ReadFeatures ReadNorm LogitLens
+    add_to_stream read_stream write_stream decoder_layers logit_lens principal_direction
+""".split()
+)
+
 
 def _libraries() -> dict[str, Library]:
     import ndif
+    import ndif.interp
 
+    interp = Library("ndif.interp", ndif.interp, allow=_INTERP_ALLOW)
     nn_functional = Library("torch.nn.functional", torch.nn.functional)
     nn_init = Library("torch.nn.init", torch.nn.init)
     nn = Library(
@@ -250,7 +261,8 @@ def _libraries() -> dict[str, Library]:
         "torch.linalg": torch_library.get("linalg"),
         "math": Library("math", math),
         "numpy": numpy_library,
-        "ndif": Library("ndif", ndif, allow=_NDIF_ALLOW),
+        "ndif": Library("ndif", ndif, allow=_NDIF_ALLOW, submodules={"interp": interp}),
+        "ndif.interp": interp,
     }
     try:
         import einops

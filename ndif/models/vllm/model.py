@@ -67,6 +67,9 @@ class VLLM(NNsight):
                 hidden = model.model.layers[4].output[0].save()
     """
 
+    #: A decoder layer returns the residual stream as ``(hidden, residual)`` (see `ndif.interp`).
+    splits_residual = True
+
     def __init__(
         self,
         model: str | os.PathLike,
