@@ -75,7 +75,9 @@ def _follow(value: Any, names: set[str], seen: set[int], depth: int) -> None:
 
 def _in_library(value: Any) -> bool:
     """Whether ``value`` comes from an installed package or the standard library (whose code
-    cannot know the model's module names), rather than from the user's code."""
+    cannot know the model's module names), rather than from the user's code. ndif's own
+    code counts as a library: what it reaches of a model is decoder layer outputs
+    (``ndif.interp``), which the vLLM backend taps."""
     module = sys.modules.get(getattr(value, "__module__", None) or "")
     path = getattr(module, "__file__", None)
     return path is not None and path.startswith(_LIBRARY_PATHS)
