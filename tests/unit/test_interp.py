@@ -253,6 +253,7 @@ def test_on_vllm_the_stream_is_hidden_plus_residual_and_edits_keep_that():
         seen = interp.Recipe(
             interp.Steer(vector, layers=0, scale=2.0), interp.EditFeatures(sae, clamp={2: 1.5}), interp.ReadNorm(1)
         ).run(model, tracer, steps=2)
+    after = dict(model.step_counts)
     with model.generate([3, 1, 4], max_tokens=2) as tracer:
         norms = ndif.save([])
         for step in tracer.iter[:2]:
@@ -265,7 +266,7 @@ def test_on_vllm_the_stream_is_hidden_plus_residual_and_edits_keep_that():
     for a, b in zip(seen["norm"], norms):
         torch.testing.assert_close(a, b.float())
     # A recipe reads and edits layer outputs only: its steps ran on the graphs' taps.
-    assert model.step_counts["taps"] - before["taps"] == 2 and model.step_counts["eager"] == before["eager"]
+    assert after["taps"] - before["taps"] == 2 and after["eager"] == before["eager"]
 
 
 def test_a_recipe_built_locally_runs_in_a_remote_trace(llama):
