@@ -7,6 +7,7 @@ the key that made them: any other key gets 404, as for an id that does not exist
 """
 
 import base64
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
@@ -23,12 +24,13 @@ from ndif.sandbox import check_request
 from ndif.wire import codec
 from ndif.wire.values import WireError
 
-from . import __version__
+from . import __version__, chat
 from .auth import authenticate, create_key, revoke_key
 from .db import FINAL, ApiKey, Batch, Deployment, Job, JobEvent, Lane, Status, utcnow
 from .metrics import Metrics
 from .quotas import QuotaExceeded, check_submission
 from .schemas import (
+    ArtifactView,
     BatchItemResult,
     BatchResults,
     BatchView,
@@ -57,6 +59,16 @@ def _binary_body(media_type: str, description: str) -> dict[str, Any]:
     """The OpenAPI request body of a route that reads raw bytes of ``media_type``."""
     schema = {"type": "string", "format": "binary"}
     return {"requestBody": {"required": True, "description": description, "content": {media_type: {"schema": schema}}}}
+
+
+def _first_error(error: ValueError) -> str:
+    """A pydantic validation error as one line a person can act on."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return str(error)
 
 
 class ApiError(HTTPException):
@@ -504,6 +516,88 @@ def create_app(service: Service | None = None) -> FastAPI:
                 )
             )
         return views
+
+    @app.get("/v1/models/{model}/artifacts", response_model=list[ArtifactView], responses=ERRORS, tags=["models"])
+    def list_artifacts(_key: Caller, model: str) -> list[ArtifactView]:
+        """The steering vectors, SAEs and probes chat requests may name for this model."""
+        deployment = service.registry.resolve(model)
+        if deployment is None:
+            raise ApiError(404, f"the model {model!r} is not deployed here")
+        return [ArtifactView(**entry) for entry in chat.artifacts_of(deployment.artifacts)]
+
+    # -- chat ---------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", tags=["chat"], responses=ERRORS)
+    async def chat_completions(request: Request, key: Caller) -> Any:
+        """OpenAI's chat completion (``stream`` too), with ndif's ``ndif`` field: steering
+        vectors, SAE feature edits, and probes, features, norms and the logit lens per token."""
+        try:
+            body = chat.ChatCompletionRequest.model_validate_json(await read_body(request))
+        except ValueError as error:
+            return chat.openai_error(400, _first_error(error))
+        deployment = service.registry.resolve(body.model)
+        if deployment is None:
+            known = ", ".join(service.registry.keys) or "none"
+            return chat.openai_error(
+                404, f"the model {body.model!r} is not deployed here (deployed: {known})", code="model_not_found"
+            )
+
+        def submit() -> Job:
+            with service.sessions() as session:
+                (job,) = submit_jobs(
+                    session,
+                    session.merge(key),
+                    [(body.payload(deployment.key), chat.ChatKind(), deployment.key)],
+                    Lane.INTERACTIVE,
+                )
+                return job
+
+        try:
+            job = await anyio.to_thread.run_sync(submit)
+        except ApiError as error:
+            return chat.openai_error(
+                error.status_code, str(error.detail), "rate_limit_error" if error.status_code == 429 else "server_error"
+            )
+        timeout = settings.job_time_s + settings.actor_wait_s + 60
+        if body.stream:
+            started = await anyio.to_thread.run_sync(chat.wait_for_start, service, job.id, timeout)
+            if started.status in FINAL and started.status != Status.COMPLETED:
+                return _chat_failure(started)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = chat.stream_events(service, started, body.model, include_usage, timeout)
+
+            async def relay() -> AsyncIterator[str]:
+                try:
+                    while True:
+                        event = await anyio.to_thread.run_sync(next, events, None)
+                        if event is None:
+                            return
+                        yield event
+                finally:  # the client went away before the end: stop the reply
+                    await anyio.to_thread.run_sync(_cancel_chat, job.id)
+
+            return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        finished = await anyio.to_thread.run_sync(chat.wait_for_end, service, job.id, timeout)
+        if finished.status != Status.COMPLETED:
+            if finished.status not in FINAL:
+                await anyio.to_thread.run_sync(_cancel_chat, job.id)
+            return _chat_failure(finished)
+        result = json.loads(await anyio.to_thread.run_sync(service.store.get, finished.result_key))
+        return JSONResponse(chat.completion(finished, body.model, result))
+
+    def _cancel_chat(job_id: str) -> None:
+        with service.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                _cancel(session, job)
+                session.commit()
+
+    def _chat_failure(job: Job) -> Any:
+        if job.status not in FINAL:
+            return chat.openai_error(504, "the reply did not start in time; try again", "server_error", "timeout")
+        if job.error_reason == "user" or job.error_type == "ChatError":
+            return chat.openai_error(400, f"{job.error_type}: {job.error_message}", code=job.error_type)
+        return chat.openai_error(500, f"{job.error_type}: {job.error_message}", "server_error", job.error_type)
 
     @app.post("/v1/keys", status_code=201, response_model=KeyCreated, responses=ERRORS, tags=["admin"])
     def make_key(session: Db, _admin: Annotated[ApiKey, Depends(admin)], body: KeyCreate) -> KeyCreated:

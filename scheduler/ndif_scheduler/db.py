@@ -129,6 +129,19 @@ class JobEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text, default=None)
 
 
+class JobChunk(Base):
+    """One piece of a job's streamed output (a chat's token and its observations), in order.
+
+    The dispatcher writes them as the worker produces them; the API's stream reads them."""
+
+    __tablename__ = "job_chunks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Deployment(Base):
     """What the dispatcher last saw of a model deployment's actors."""
 

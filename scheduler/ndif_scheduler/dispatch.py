@@ -26,9 +26,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
-from .db import ACTIVE, FINAL, WAITING, Deployment, Job, Status, utcnow
+from .db import ACTIVE, FINAL, WAITING, Deployment, Job, JobChunk, Status, utcnow
 from .quotas import quotas_for
 from .service import Service, get_service
 from .store import count_by_status, expired_leases, transition
@@ -38,6 +38,8 @@ log = logging.getLogger("ndif.dispatch")
 INFRASTRUCTURE = "infrastructure"
 #: A replica that answered within this many seconds is taken as ready without asking again.
 READY_FOR_S = 5.0
+#: How often a streaming job's new chunks are read from its actor.
+STREAM_POLL_S = 0.05
 
 
 class Dispatcher:
@@ -129,9 +131,11 @@ class Dispatcher:
             session.commit()
         if not claimed:
             return
-        self._attempt(job_id, attempt, deployment, job.lane)
+        self._attempt(job_id, attempt, deployment, job.lane, job.kind)
 
-    def _attempt(self, job_id: str, attempt: int, deployment: Any, lane: str = "interactive") -> None:
+    def _attempt(
+        self, job_id: str, attempt: int, deployment: Any, lane: str = "interactive", kind: str = "trace"
+    ) -> None:
         name = deployment.actor_name(next(self._turns) % deployment.replicas)
         try:
             actor = self._actor(name)
@@ -160,9 +164,13 @@ class Dispatcher:
             session.commit()
         if not started:
             return  # cancelled in the meantime
+        if kind == "chat":  # an earlier attempt's tokens are not this attempt's
+            with self.service.sessions() as session:
+                session.execute(delete(JobChunk).where(JobChunk.job_id == job_id))
+                session.commit()
         try:
             call = actor.run.options(concurrency_group=lane).remote(job_id)
-            outcome = self._wait(job_id, attempt, call, actor)
+            outcome = self._wait(job_id, attempt, call, actor, streams=kind == "chat")
         except Exception as error:
             log.warning("job %s attempt %d on %s failed: %s", job_id, attempt, name, error)
             self._actors.pop(name, None)
@@ -203,14 +211,26 @@ class Dispatcher:
                 return None
             time.sleep(0.5)
 
-    def _wait(self, job_id: str, attempt: int, ref: Any, actor: Any) -> dict[str, Any] | None:
-        """Wait for the actor's answer, renewing the lease; None if the job moved on meanwhile."""
+    def _wait(self, job_id: str, attempt: int, ref: Any, actor: Any, streams: bool = False) -> dict[str, Any] | None:
+        """Wait for the actor's answer, renewing the lease; None if the job moved on meanwhile.
+
+        A job that ``streams`` (a chat) has its chunks copied to the job store as they come,
+        every `STREAM_POLL_S`; all of them are stored before its outcome is.
+        """
         ray = self._ray()
         cancel_sent = False
+        stored = 0
+        renewed_at = time.monotonic()
         while True:
-            ready, _ = ray.wait([ref], timeout=self.settings.heartbeat_s)
+            timeout = STREAM_POLL_S if streams else self.settings.heartbeat_s
+            ready, _ = ray.wait([ref], timeout=timeout)
+            if streams:
+                stored = self._store_chunks(job_id, actor, stored)
             if ready:
                 return ray.get(ref)
+            if streams and time.monotonic() - renewed_at < self.settings.heartbeat_s:
+                continue
+            renewed_at = time.monotonic()
             with self.service.sessions() as session:
                 renewed = session.execute(
                     update(Job)
@@ -225,6 +245,17 @@ class Dispatcher:
             if renewed and not cancel_sent:
                 actor.cancel.remote(job_id)
                 cancel_sent = True
+
+    def _store_chunks(self, job_id: str, actor: Any, stored: int) -> int:
+        """Copy a streaming job's new chunks from its actor to the job store; returns how many
+        are stored now."""
+        chunks = self._ray().get(actor.chunks.remote(job_id, stored), timeout=30)
+        if not chunks:
+            return stored
+        with self.service.sessions() as session:
+            session.add_all(JobChunk(job_id=job_id, seq=stored + n, data=chunk) for n, chunk in enumerate(chunks))
+            session.commit()
+        return stored + len(chunks)
 
     def _record(self, job_id: str, attempt: int, outcome: dict[str, Any]) -> None:
         status = {"completed": Status.COMPLETED, "error": Status.ERROR, "cancelled": Status.CANCELLED}[

@@ -46,6 +46,9 @@ class Deployment:
     num_cpus: float = 0
     torch_threads: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)
+    #: A folder of steering vectors, SAEs and probes (``<name>.safetensors``) that chat
+    #: requests may name (``ndif.interp`` files).
+    artifacts: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -109,6 +112,9 @@ def parse_registry(data: dict[str, Any], base: Path | None = None) -> Registry:
         path = entry.get("path", "")
         if base is not None and path and not os.path.isabs(path) and (base / path).exists():
             entry["path"] = str((base / path).resolve())
+        artifacts = entry.get("artifacts", "")
+        if base is not None and artifacts and not os.path.isabs(artifacts):
+            entry["artifacts"] = str((base / artifacts).resolve())
         try:
             deployment = Deployment(**entry)
         except TypeError as error:

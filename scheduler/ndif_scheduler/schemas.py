@@ -183,3 +183,13 @@ class Problem(BaseModel):
 
     detail: str
     error: ErrorView | None = None
+
+
+class ArtifactView(BaseModel):
+    """A steering vector, SAE or probe a deployment offers to chat requests."""
+
+    name: str
+    kind: str = Field(description="steering_vector, sae or probe")
+    layer: int | None = None
+    features: int | None = Field(None, description="An SAE's number of features.")
+    labels: list[str] | None = Field(None, description="A probe's class names.")

@@ -41,6 +41,11 @@ def result_key(job_id: str) -> str:
     return f"results/{job_id}"
 
 
+#: A chat job's request starts with this line, then JSON (a trace's request is the wire
+#: format); its result is JSON.
+CHAT_PREFIX = b"ndif-chat/1\n"
+
+
 class S3Store:
     """Blobs in an S3 bucket (created on first use if missing)."""
 

@@ -265,7 +265,7 @@ class FakeVLLM(VLLM):
 
     @staticmethod
     def _sampling_params(options: dict) -> Any:
-        unknown = set(options) - {"max_tokens", "temperature", "ignore_eos"}
+        unknown = set(options) - {"max_tokens", "temperature", "ignore_eos", "top_p", "seed", "stop_token_ids"}
         if unknown:
             raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
         return SimpleNamespace(max_tokens=options.get("max_tokens", 16), skip_reading_prefix_cache=None)

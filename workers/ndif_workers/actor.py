@@ -14,6 +14,7 @@ running the job again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -23,16 +24,20 @@ from typing import Any
 
 import msgspec
 
-from ndif.sandbox import CancelToken, JobLimits, run_request
+from ndif.sandbox import CancelToken, JobCancelled, JobLimits, TimeLimitExceeded, run_request
 from ndif.wire import codec
 from ndif.wire.values import WireError
 from ndif_scheduler.config import Settings
 from ndif_scheduler.registry import Deployment
-from ndif_scheduler.storage import MissingObject, open_store, request_key, result_key
+from ndif_scheduler.storage import CHAT_PREFIX, MissingObject, open_store, request_key, result_key
 
 from .backends import load_model
+from .chat import Artifacts, ChatError, decode_chat, run_chat
 
 log = logging.getLogger(__name__)
+
+#: How long a chat's chunks stay after it ends (for the dispatcher's last read).
+CHUNKS_KEPT_S = 60.0
 
 #: Error types that come from limits the service sets, not from the user's code failing.
 LIMIT_ERRORS = {"TimeLimitExceeded", "MemoryLimitExceeded", "SaveLimitExceeded"}
@@ -59,6 +64,9 @@ class ModelActor:
         self._running: dict[str, Future] = {}
         self._tokens: dict[str, CancelToken] = {}
         self.completed = 0
+        self.artifacts = Artifacts(self.deployment.artifacts or None)
+        self._chunks: dict[str, list[dict[str, Any]]] = {}  # a chat's tokens so far, by job
+        self._chunks_ended: dict[str, float] = {}  # when a chat ended (its chunks are kept a while)
 
     # -- called by dispatchers ------------------------------------------------------
 
@@ -94,6 +102,15 @@ class ModelActor:
         token.cancel()
         return True
 
+    def chunks(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """A chat's chunks (one per token) from number ``since`` on; kept a minute after it ends."""
+        with self._lock:
+            now = time.monotonic()
+            for ended in [job for job, at in self._chunks_ended.items() if now - at > CHUNKS_KEPT_S]:
+                self._chunks.pop(ended, None)
+                self._chunks_ended.pop(ended, None)
+            return list(self._chunks.get(job_id, ())[since:])
+
     def health(self) -> dict[str, Any]:
         if not getattr(self.model, "healthy", True):
             raise RuntimeError(f"{self.deployment.key}: the model's engine failed")
@@ -115,6 +132,8 @@ class ModelActor:
             data = self.store.get(request_key(job_id))
         except MissingObject:
             return outcome("error", "infrastructure", {"type": "MissingRequest", "message": "the request was lost"})
+        if data.startswith(CHAT_PREFIX):
+            return self._run_chat(job_id, data, token, started)
         try:
             request = codec.decode_request(data, self.size_limits)
         except WireError as error:
@@ -149,3 +168,40 @@ class ModelActor:
             return outcome("cancelled", "cancelled", error, **extra)
         reason = "limit" if result.error.type in LIMIT_ERRORS else "user"
         return outcome("error", reason, error, **extra)
+
+    def _run_chat(self, job_id: str, data: bytes, token: CancelToken, started: float) -> dict[str, Any]:
+        """A chat completion: trusted code over the request's data (see `ndif_workers.chat`)."""
+        with self._lock:
+            chunks = self._chunks[job_id] = []
+
+        def emit(chunk: dict[str, Any]) -> None:
+            with self._lock:
+                chunks.append(chunk)
+
+        error = None
+        try:
+            payload = decode_chat(data)
+            if payload.get("model") not in self.deployment.names():
+                message = f"this worker serves {self.deployment.key!r}, not {payload.get('model')!r}"
+                return outcome("error", "infrastructure", {"type": "WrongModel", "message": message})
+            result = run_chat(self.model, payload, self.artifacts, emit, token, self.settings.job_time_s)
+        except (ChatError, ValueError, KeyError) as failure:
+            error = {"type": "ChatError", "message": str(failure)}
+        except (JobCancelled, TimeLimitExceeded) as failure:
+            error = {"type": type(failure).__name__, "message": str(failure)}
+        except Exception as failure:  # noqa: BLE001 - the model raised: the chat's error, not the worker's
+            error = {"type": type(failure).__name__, "message": str(failure)}
+        finally:
+            with self._lock:
+                self._chunks_ended[job_id] = time.monotonic()
+        if not getattr(self.model, "healthy", True):
+            log.error("the model's engine failed; exiting so that the replica restarts")
+            os._exit(70)
+        timings = {"run": time.perf_counter() - started}
+        if error is not None:
+            status = "cancelled" if error["type"] == "JobCancelled" else "error"
+            reason = {"JobCancelled": "cancelled", "TimeLimitExceeded": "limit"}.get(error["type"], "user")
+            return outcome(status, reason, error, timings=timings)
+        encoded = json.dumps(result).encode()
+        self.store.put(result_key(job_id), encoded)
+        return outcome("completed", result_bytes=len(encoded), timings=timings, pid=os.getpid())

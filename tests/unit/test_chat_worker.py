@@ -1,0 +1,187 @@
+"""A chat completion on a model worker: the real `ModelActor` (called directly, not through
+Ray) with its local object store, on the transformers backend and on the vLLM backend's
+stand-in. Steering through the chat request equals the same intervention written with the
+tracing API; tokens stream out one chunk each; bad requests end in a clear error."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+from fake_vllm import FakeVLLM
+
+import ndif
+from ndif import interp
+from ndif_scheduler.config import Settings
+from ndif_scheduler.storage import CHAT_PREFIX, request_key, result_key
+from ndif_workers import actor as actor_module
+from ndif_workers.chat import chat_prompt
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("artifacts")
+    generator = torch.Generator().manual_seed(0)
+    interp.save_vector(
+        interp.SteeringVector(torch.randn(HIDDEN, generator=generator) * 4, layer=1), folder / "joy.safetensors"
+    )
+    interp.save_probe(
+        interp.LinearProbe(torch.randn(HIDDEN, generator=generator), layer=2), folder / "mood.safetensors"
+    )
+    sae = interp.SAE(
+        torch.randn(HIDDEN, 32, generator=generator),
+        torch.zeros(32),
+        torch.randn(32, HIDDEN, generator=generator) * 0.1,
+        torch.zeros(HIDDEN),
+        layer=2,
+    )
+    interp.save_sae(sae, folder / "res-2.safetensors")
+    return folder
+
+
+def make_actor(tmp_path, monkeypatch, model, artifacts):
+    monkeypatch.setattr(actor_module, "load_model", lambda deployment: model)
+    deployment = {"key": "tiny", "path": "tiny", "max_concurrency": 4, "artifacts": str(artifacts)}
+    settings = Settings(state_dir=tmp_path, job_time_s=60.0).model_dump(mode="json")
+    return actor_module.ModelActor(deployment, settings)
+
+
+def chat(actor, **fields):
+    payload = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 6}
+    payload.update(fields)
+    job_id = uuid.uuid4().hex
+    actor.store.put(request_key(job_id), CHAT_PREFIX + json.dumps(payload).encode())
+    outcome = actor.run(job_id)
+    result = json.loads(actor.store.get(result_key(job_id))) if outcome["status"] == "completed" else None
+    return outcome, result, actor.chunks(job_id)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return ndif.LanguageModel(str(ndif.make_tiny(tmp_path_factory.mktemp("tiny"), layers=3, hidden=HIDDEN)))
+
+
+def test_a_steered_reply_equals_the_same_steering_in_a_trace(tmp_path, monkeypatch, llama, artifacts):
+    actor = make_actor(tmp_path, monkeypatch, llama, artifacts)
+    steer = {"steer": [{"vector": "joy", "scale": 2.0}], "observe": {"probes": [{"probe": "mood"}], "norms": [1]}}
+    outcome, steered, chunks = chat(actor, temperature=0, ndif=steer)
+    assert outcome["status"] == "completed", outcome
+    _, plain, _ = chat(actor, temperature=0)
+    assert steered["tokens"] != plain["tokens"]  # the vector changed the reply
+
+    # The same intervention with the tracing API.
+    vector = interp.load_vector(artifacts / "joy.safetensors")
+    probe = interp.load_probe(artifacts / "mood.safetensors")
+    prompt = chat_prompt(llama.tokenizer, [{"role": "user", "content": "Tell me a story"}])
+    with llama.generate(prompt, max_new_tokens=6, do_sample=False) as tracer:
+        scores = ndif.save([])
+        for step in tracer.iter[:6]:
+            llama.model.layers[1].output[:] += 2.0 * vector.vector
+            scores.append(probe(llama.model.layers[2].output[0])[-1])
+        tokens = tracer.result.save()
+    expected = tokens[0, len(prompt) :].tolist()
+    assert steered["tokens"] == expected
+    assert [chunk["token"] for chunk in chunks] == expected  # one chunk per token, as sampled
+    assert "".join(chunk["text"] for chunk in chunks) == steered["text"]
+    for chunk, score in zip(chunks, scores):
+        assert chunk["observations"]["mood"] == pytest.approx(float(score), rel=1e-5)
+        assert isinstance(chunk["observations"]["norm:1"], float)
+    assert len(steered["prompt_observations"]["mood"]) == len(prompt) == len(steered["prompt_tokens"])
+    assert steered["usage"]["completion_tokens"] == len(expected)
+
+
+def test_feature_edits_and_the_logit_lens(tmp_path, monkeypatch, llama, artifacts):
+    actor = make_actor(tmp_path, monkeypatch, llama, artifacts)
+    options = {
+        "features": [{"sae": "res-2", "clamp": {"3": 8.0}}],
+        "observe": {"features": [{"sae": "res-2", "features": [3, 4]}], "logit_lens": {"layer": 2, "k": 3}},
+    }
+    outcome, edited, chunks = chat(actor, temperature=0, ndif=options)
+    assert outcome["status"] == "completed", outcome
+    # The same edit with the tracing API: the features are read after the edit, from the
+    # edited stream (re-encoded; an SAE's decoder is not its encoder's inverse).
+    sae = interp.load_sae(artifacts / "res-2.safetensors")
+    prompt = chat_prompt(llama.tokenizer, [{"role": "user", "content": "Tell me a story"}])
+    with llama.generate(prompt, max_new_tokens=6, do_sample=False) as tracer:
+        read = ndif.save([])
+        for step in tracer.iter[:6]:
+            stream = llama.model.layers[2].output[0]
+            stream[:] = sae.edit(stream, clamp={3: 8.0})[0]
+            read.append(sae.encode(stream)[-1, [3, 4]])
+        tokens = tracer.result.save()
+    assert edited["tokens"] == tokens[0, len(prompt) :].tolist()
+    for chunk, features in zip(chunks, read):
+        assert chunk["observations"]["res-2:features"] == pytest.approx(features.tolist(), rel=1e-4, abs=1e-5)
+        lens = chunk["observations"]["logit_lens"]
+        assert len(lens) == 3 and lens[0]["p"] >= lens[1]["p"] >= lens[2]["p"]
+        assert lens[0]["token"] == llama.tokenizer.decode([lens[0]["id"]])
+    _, plain, _ = chat(actor, temperature=0)
+    assert edited["tokens"] != plain["tokens"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steer": [{"vector": "nope"}]}, "no artifact named 'nope'"),
+        ({"steer": [{"vector": "mood"}]}, "is a LinearProbe, not a SteeringVector"),
+        ({"steer": [{"vector": "joy", "layers": [7]}]}, "layer 7 is out of range"),
+        ({"steer": [{"vector": [1.0, 2.0], "layers": [0]}]}, "has 2 dimensions; this model's residual stream has 64"),
+        ({"features": [{"sae": "res-2", "clamp": {"99": 1.0}}]}, "feature 99 is not one of"),
+        ({"steer": [{"vector": "../../etc/passwd"}]}, "no artifact named"),
+    ],
+)
+def test_bad_requests_end_with_a_clear_error_and_the_worker_stays_healthy(
+    tmp_path, monkeypatch, llama, artifacts, options, message
+):
+    actor = make_actor(tmp_path, monkeypatch, llama, artifacts)
+    outcome, result, _ = chat(actor, ndif=options)
+    assert outcome["status"] == "error" and result is None
+    assert message in outcome["error"]["message"], outcome
+    assert actor.health()["in_flight"] == 0
+    assert chat(actor, temperature=0)[0]["status"] == "completed"
+
+
+def test_a_cancelled_chat_ends_cancelled(tmp_path, monkeypatch, llama, artifacts):
+    actor = make_actor(tmp_path, monkeypatch, llama, artifacts)
+    original = actor_module.run_chat
+
+    def cancel_then_run(model, payload, shelf, emit, token, time_s):
+        token.cancel()
+        return original(model, payload, shelf, emit, token, time_s)
+
+    monkeypatch.setattr(actor_module, "run_chat", cancel_then_run)
+    outcome, _, chunks = chat(actor)
+    assert outcome["status"] == "cancelled" and chunks == []
+
+
+def test_chat_on_the_vllm_backend_runs_on_taps(tmp_path, monkeypatch, artifacts):
+    model = FakeVLLM()
+    folder = tmp_path / "toy-artifacts"
+    folder.mkdir()
+    interp.save_vector(interp.SteeringVector(torch.linspace(-1, 1, 16), layer=1), folder / "tilt.safetensors")
+
+    class Tokens:  # the toy engine has no tokenizer: a stand-in that spells token ids
+        eos_token_id = None
+        chat_template = None
+
+        def __call__(self, text):
+            return type("Encoded", (), {"input_ids": [ord(c) % 60 + 1 for c in text][-8:]})()
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(f"<{i}>" for i in ids)
+
+    object.__setattr__(model, "tokenizer", Tokens())
+    actor = make_actor(tmp_path, monkeypatch, model, folder)
+    before = dict(model.step_counts)
+    outcome, steered, chunks = chat(
+        actor, temperature=0, ndif={"steer": [{"vector": "tilt", "scale": 3.0}], "observe": {"norms": [2]}}
+    )
+    assert outcome["status"] == "completed", outcome
+    assert [chunk["token"] for chunk in chunks] == steered["tokens"] and len(chunks) == 6
+    assert model.step_counts["taps"] - before["taps"] == 6 and model.step_counts["eager"] == before["eager"]
+    _, plain, _ = chat(actor, temperature=0)
+    assert plain["tokens"] != steered["tokens"]
