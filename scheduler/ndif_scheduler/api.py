@@ -16,7 +16,9 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
@@ -43,12 +45,14 @@ from .schemas import (
     ModelView,
     Problem,
     ResultLink,
+    SteeringView,
 )
 from .service import Service, get_service
 from .storage import LocalStore, MissingObject, request_key
 from .store import new_id, queue_depths, record_received, transition
 
 REQUEST_MEDIA_TYPE = "application/x-ndif-request"
+CHAT_PATH = "/v1/chat/completions"
 BATCH_MEDIA_TYPE = "application/x-ndif-batch"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem} for code in (400, 401, 403, 404, 409, 410, 413, 422, 429, 503)
@@ -61,12 +65,12 @@ def _binary_body(media_type: str, description: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "description": description, "content": {media_type: {"schema": schema}}}}
 
 
-def _first_error(error: ValueError) -> str:
+def _first_error(error: Exception) -> str:
     """A pydantic validation error as one line a person can act on."""
     errors = getattr(error, "errors", None)
     if callable(errors):
         first = errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
     return str(error)
 
@@ -517,24 +521,41 @@ def create_app(service: Service | None = None) -> FastAPI:
             )
         return views
 
-    @app.get("/v1/models/{model}/artifacts", response_model=list[ArtifactView], responses=ERRORS, tags=["models"])
-    def list_artifacts(_key: Caller, model: str) -> list[ArtifactView]:
-        """The steering vectors, SAEs and probes chat requests may name for this model."""
+    @app.get("/v1/models/{model}/steering", response_model=SteeringView, responses=ERRORS, tags=["chat"])
+    def steering_options(_key: Caller, model: str) -> SteeringView:
+        """What chat requests may use on this model: its layers, and the steering vectors,
+        SAEs and probes it offers by name."""
         deployment = service.registry.resolve(model)
         if deployment is None:
             raise ApiError(404, f"the model {model!r} is not deployed here")
-        return [ArtifactView(**entry) for entry in chat.artifacts_of(deployment.artifacts)]
+        layers, hidden = chat.model_shape(deployment.path)
+        artifacts = [ArtifactView(**entry) for entry in chat.artifacts_of(deployment.artifacts)]
+        return SteeringView(model=deployment.key, layers=layers, hidden_size=hidden, artifacts=artifacts)
+
+    @app.get("/playground", tags=["chat"], response_class=HTMLResponse)
+    def playground() -> HTMLResponse:
+        """A web page to chat with a model, steer it with sliders and watch probes per token.
+        Give it a key in the address: ``/playground#key=ndif_...``."""
+        return HTMLResponse(chat.playground_page())
 
     # -- chat ---------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", tags=["chat"], responses=ERRORS)
-    async def chat_completions(request: Request, key: Caller) -> Any:
-        """OpenAI's chat completion (``stream`` too), with ndif's ``ndif`` field: steering
-        vectors, SAE feature edits, and probes, features, norms and the logit lens per token."""
-        try:
-            body = chat.ChatCompletionRequest.model_validate_json(await read_body(request))
-        except ValueError as error:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> Any:
+        if request.url.path == CHAT_PATH:  # OpenAI's clients read OpenAI's error shape
             return chat.openai_error(400, _first_error(error))
+        return await request_validation_exception_handler(request, error)
+
+    def small_enough(request: Request) -> None:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_request_bytes:
+            raise ApiError(413, f"the request is {int(declared)} bytes; the limit is {settings.max_request_bytes}")
+
+    @app.post(CHAT_PATH, tags=["chat"], responses=ERRORS, dependencies=[Depends(small_enough)])
+    async def chat_completions(body: chat.ChatCompletionRequest, key: Caller) -> Any:
+        """OpenAI's chat completion (``stream`` too), with ndif's ``ndif`` field: steering
+        vectors, SAE feature edits, and probes, features, norms and the logit lens per token.
+        Streamed chunks carry each token's observations in ``ndif``."""
         deployment = service.registry.resolve(body.model)
         if deployment is None:
             known = ", ".join(service.registry.keys) or "none"

@@ -289,3 +289,24 @@ def artifacts_of(folder: str) -> list[dict[str, Any]]:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
+
+
+def model_shape(path: str) -> tuple[int | None, int | None]:
+    """A checkpoint's number of layers and hidden size, from its ``config.json`` if this
+    machine can read it."""
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    config = config.get("text_config", config)
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    return layers, hidden
+
+
+def playground_page() -> str:
+    from importlib.resources import files
+
+    return files("ndif_scheduler").joinpath("static/playground.html").read_text()

@@ -193,3 +193,12 @@ class ArtifactView(BaseModel):
     layer: int | None = None
     features: int | None = Field(None, description="An SAE's number of features.")
     labels: list[str] | None = Field(None, description="A probe's class names.")
+
+
+class SteeringView(BaseModel):
+    """What a model offers chat requests: its shape, and artifacts by name."""
+
+    model: str
+    layers: int | None = Field(None, description="Decoder layers (from the checkpoint's config, when readable here).")
+    hidden_size: int | None = None
+    artifacts: list[ArtifactView]

@@ -89,11 +89,14 @@ def demo(
         Path | None, typer.Option(help="Where to build the tiny model (default: a temporary folder).")
     ] = None,
     service: Annotated[bool, typer.Option(help="Also start the embedded service stack and run remote traces.")] = True,
+    playground: Annotated[
+        bool, typer.Option(help="At the end, open the steering playground in a browser and serve it until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Run the demo on a tiny model: local tracing, then the same through the embedded service."""
     from .demo import run_demo
 
-    run_demo(directory, service=service)
+    run_demo(directory, service=service, playground=playground)
     typer.secho("demo complete", fg="green")
 
 

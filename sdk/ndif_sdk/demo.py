@@ -29,7 +29,7 @@ def _section(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-def run_demo(directory: Path | None = None, service: bool = True) -> None:
+def run_demo(directory: Path | None = None, service: bool = True, playground: bool = False) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(directory or scratch)
         path = root / "tiny-llama"
@@ -39,7 +39,7 @@ def run_demo(directory: Path | None = None, service: bool = True) -> None:
         console.print(f"model at {path}; weights loaded: {model.dispatched} (lazy until the first trace)")
         _demo(model)
         if service:
-            _service_demo(model, path.resolve(), root / "stack")
+            _service_demo(model, path.resolve(), root / "stack", playground)
 
 
 def _free_port() -> int:
@@ -48,7 +48,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _service_demo(model: ndif.LanguageModel, path: Path, state: Path) -> None:
+def _service_demo(model: ndif.LanguageModel, path: Path, state: Path, playground: bool = False) -> None:
     from .backend import RemoteBackend
     from .batch import Batch
     from .client import Client
@@ -59,7 +59,10 @@ def _service_demo(model: ndif.LanguageModel, path: Path, state: Path) -> None:
     registry = state / "models.toml"
     # One torch thread on both sides, so float sums run in the same order and the
     # remote values can be compared bit for bit with the local ones.
-    registry.write_text(f'[[deployments]]\nkey = "tiny-llama"\npath = "{path}"\ntorch_threads = 1\n')
+    artifacts = _artifacts(model, state / "artifacts")
+    registry.write_text(
+        f'[[deployments]]\nkey = "tiny-llama"\npath = "{path}"\ntorch_threads = 1\nartifacts = "{artifacts}"\n'
+    )
     torch.set_num_threads(1)
     started = time.perf_counter()
     with background_stack(state, registry, _free_port()) as (url, key):
@@ -108,8 +111,59 @@ def _service_demo(model: ndif.LanguageModel, path: Path, state: Path) -> None:
             text, scale = prompts[index // len(scales)], scales[index % len(scales)]
             table.add_row(text, f"{scale:g}", repr(model.tokenizer.decode(int(result["top"]))))
         console.print(table)
+
+        _chat_demo(url, key)
         client.close()
+        if playground:
+            import webbrowser
+
+            page = f"{url}/playground#key={key}&model=tiny-llama"
+            console.print(f"the playground is at [bold]{page}[/bold]; Ctrl-C stops the stack")
+            webbrowser.open(page)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
     console.print("stack stopped")
+
+
+def _artifacts(model: ndif.LanguageModel, folder: Path) -> Path:
+    """A steering vector from contrastive prompts and a probe along it, for the chat API."""
+    from ndif import interp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vector = interp.contrast_vector(
+        model, ["I love this", "What a joy", "Wonderful day"], ["I hate this", "What a pain", "Awful day"], layer=1
+    )
+    interp.save_vector(vector, folder / "joy.safetensors")
+    probe = interp.LinearProbe(vector.unit().vector, 0.0, layer=2, labels=["joy"])
+    interp.save_probe(probe, folder / "joy-probe.safetensors")
+    return folder.resolve()
+
+
+def _chat_demo(url: str, key: str) -> None:
+    """OpenAI's chat API with ndif's extension: a plain reply and a steered one, with the
+    probe's score per token."""
+    import httpx
+
+    _section("10. The chat API: steering and a probe per token (OpenAI-compatible)")
+    table = Table("steering", "reply", "probe per token")
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        for scale in (0.0, 8.0):
+            body = {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "How was your day?"}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "ndif": {"steer": [{"vector": "joy", "scale": scale}], "observe": {"probes": [{"probe": "joy-probe"}]}},
+            }
+            reply = http.post("/v1/chat/completions", json=body)
+            reply.raise_for_status()
+            data = reply.json()
+            scores = " ".join(f"{step['observations']['joy-probe']:.2f}" for step in data["ndif"]["steps"])
+            table.add_row(f"joy x {scale:g}", repr(data["choices"][0]["message"]["content"]), scores)
+    console.print(table)
 
 
 def _demo(model: ndif.LanguageModel) -> None:
