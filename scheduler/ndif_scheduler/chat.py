@@ -224,12 +224,16 @@ def stream_events(service: Any, job: Job, model: str, include_usage: bool, timeo
     yield chunk(job, model, {"role": "assistant", "content": ""})
     after = -1
     deadline = time.monotonic() + timeout
-    count = 0
+    attempt = None
     while True:
         rows, current = read_chunks(service, job.id, after)
         for row in rows:
+            if attempt is not None and row.get("attempt") != attempt:
+                # The worker failed mid-reply and the job is running again from its start.
+                yield _error_event("the model worker failed during the reply; ask again", "worker_restarted")
+                return
+            attempt = row.get("attempt")
             after = row["seq"]
-            count += 1
             ndif = {"index": row["index"], "token": row["token"], "observations": row["observations"]}
             yield chunk(job, model, {"content": row["text"]}, ndif=ndif)
         if current.status in FINAL:

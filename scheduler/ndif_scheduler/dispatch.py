@@ -225,7 +225,7 @@ class Dispatcher:
             timeout = STREAM_POLL_S if streams else self.settings.heartbeat_s
             ready, _ = ray.wait([ref], timeout=timeout)
             if streams:
-                stored = self._store_chunks(job_id, actor, stored)
+                stored = self._store_chunks(job_id, actor, stored, attempt)
             if ready:
                 return ray.get(ref)
             if streams and time.monotonic() - renewed_at < self.settings.heartbeat_s:
@@ -246,14 +246,15 @@ class Dispatcher:
                 actor.cancel.remote(job_id)
                 cancel_sent = True
 
-    def _store_chunks(self, job_id: str, actor: Any, stored: int) -> int:
-        """Copy a streaming job's new chunks from its actor to the job store; returns how many
-        are stored now."""
+    def _store_chunks(self, job_id: str, actor: Any, stored: int, attempt: int) -> int:
+        """Copy a streaming job's new chunks from its actor to the job store (each marked with
+        the attempt that made it); returns how many are stored now."""
         chunks = self._ray().get(actor.chunks.remote(job_id, stored), timeout=30)
         if not chunks:
             return stored
         with self.service.sessions() as session:
-            session.add_all(JobChunk(job_id=job_id, seq=stored + n, data=chunk) for n, chunk in enumerate(chunks))
+            rows = [{**chunk, "attempt": attempt} for chunk in chunks]
+            session.add_all(JobChunk(job_id=job_id, seq=stored + n, data=row) for n, row in enumerate(rows))
             session.commit()
         return stored + len(chunks)
 
