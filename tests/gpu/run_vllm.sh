@@ -20,7 +20,7 @@ python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch._
 
 if [ "$quick" != "--bench-only" ]; then
 started=$(date +%s)
-timeout 900 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu/test_vllm_backend.py tests/gpu/test_vllm_tp.py \
+NDIF_GPU_OUT="$out" timeout 900 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu/test_vllm_backend.py tests/gpu/test_vllm_chat.py tests/gpu/test_vllm_tp.py \
   > "$out/gpu-tests.log" 2>&1
 echo "gpu tests: rc=$? in $(( $(date +%s) - started )) s"
 tail -5 "$out/gpu-tests.log"
