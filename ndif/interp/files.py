@@ -4,6 +4,7 @@ machine that calls these functions; a remote trace receives the loaded objects."
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -55,6 +56,8 @@ def save_sae(sae: SAE, path: PathLike) -> None:
         metadata["k"] = str(sae.k)
     if sae.layer is not None:
         metadata["layer"] = str(sae.layer)
+    if sae.feature_names:
+        metadata["feature_names"] = json.dumps({str(index): name for index, name in sae.feature_names.items()})
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 

@@ -109,4 +109,3 @@ def generate_with(
             output = tracer.result.save()
         tokens = output[0, len(prompt) :].tolist()
     return Generation([int(token) for token in tokens], steps, prompt_observations)
-

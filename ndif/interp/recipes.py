@@ -88,15 +88,15 @@ class Steer(Item):
 
 class EditFeatures(Item):
     """Edit an SAE's features at its layer: ``clamp`` sets, ``add`` adds, ``scale`` multiplies
-    (feature index -> value); the SAE's reconstruction error is kept."""
+    (feature index or name -> value); the SAE's reconstruction error is kept."""
 
     def __init__(
         self,
         sae: SAE,
         layer: int | None = None,
-        clamp: dict[int, float] | None = None,
-        add: dict[int, float] | None = None,
-        scale: dict[int, float] | None = None,
+        clamp: dict[int | str, float] | None = None,
+        add: dict[int | str, float] | None = None,
+        scale: dict[int | str, float] | None = None,
         phase: str = "all",
     ) -> None:
         super().__init__()
@@ -117,13 +117,8 @@ class EditFeatures(Item):
             write_stream(model, output, edited)
 
 
-def _features(edits: dict[int, float] | None, sae: SAE) -> dict[int, float]:
-    checked = {}
-    for index, value in (edits or {}).items():
-        if not 0 <= int(index) < sae.d_sae:
-            raise ValueError(f"feature {index} is not one of the SAE's {sae.d_sae}")
-        checked[int(index)] = float(value)
-    return checked
+def _features(edits: dict[int | str, float] | None, sae: SAE) -> dict[int, float]:
+    return {sae.feature(which): float(value) for which, value in (edits or {}).items()}
 
 
 class ReadProbe(Item):
@@ -143,12 +138,14 @@ class ReadProbe(Item):
 
 
 class ReadFeatures(Item):
-    """Activations of chosen SAE ``features`` per token (``[tokens, len(features)]``)."""
+    """Activations of chosen SAE ``features`` (indices or names) per token (``[tokens, len(features)]``)."""
 
-    def __init__(self, sae: SAE, features: Sequence[int], layer: int | None = None, name: str = "features") -> None:
+    def __init__(
+        self, sae: SAE, features: Sequence[int | str], layer: int | None = None, name: str = "features"
+    ) -> None:
         super().__init__()
         self.sae = sae
-        self.features = [int(index) for index in features]
+        self.features = [sae.feature(which) for which in features]
         self.layer = _layer_of(layer, sae, "ReadFeatures")
         self.name = name
 

@@ -7,6 +7,7 @@ The parameters follow SAELens' layout: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]`
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ class SAE(torch.nn.Module):
         subtract_decoder_bias: Subtract ``b_dec`` from the input before encoding (SAELens'
             ``apply_b_dec_to_input``).
         layer: The decoder layer whose output it reads, if known.
+        feature_names: Names of some features (index -> name, e.g. their explanations);
+            anything that takes a feature takes its name too.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class SAE(torch.nn.Module):
         k: int | None = None,
         subtract_decoder_bias: bool = True,
         layer: int | None = None,
+        feature_names: dict[int, str] | None = None,
     ) -> None:
         super().__init__()
         d_in, d_sae = W_enc.shape
@@ -62,6 +66,7 @@ class SAE(torch.nn.Module):
         self.k = k
         self.subtract_decoder_bias = subtract_decoder_bias
         self.layer = layer
+        self.feature_names = {int(index): str(name) for index, name in (feature_names or {}).items()}
 
     @property
     def d_in(self) -> int:
@@ -70,6 +75,19 @@ class SAE(torch.nn.Module):
     @property
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
+
+    def feature(self, which: int | str) -> int:
+        """A feature's index, from its index or its name."""
+        if isinstance(which, str) and not which.lstrip("-").isdigit():
+            for index, name in self.feature_names.items():
+                if name == which:
+                    return index
+            known = ", ".join(repr(name) for name in list(self.feature_names.values())[:8]) or "none"
+            raise ValueError(f"this SAE has no feature named {which!r} (named: {known})")
+        index = int(which)
+        if not 0 <= index < self.d_sae:
+            raise ValueError(f"feature {index} is not one of the SAE's {self.d_sae}")
+        return index
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations ``[..., d_sae]`` of activations ``x`` ``[..., d_in]``."""
@@ -95,9 +113,9 @@ class SAE(torch.nn.Module):
     def edit(
         self,
         x: torch.Tensor,
-        clamp: dict[int, float] | None = None,
-        add: dict[int, float] | None = None,
-        scale: dict[int, float] | None = None,
+        clamp: dict[int | str, float] | None = None,
+        add: dict[int | str, float] | None = None,
+        scale: dict[int | str, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` with features edited; returns ``(edited x, the features before the edit)``.
 
@@ -107,12 +125,12 @@ class SAE(torch.nn.Module):
         """
         features = self.encode(x)
         edited = features.clone()
-        for index, value in (scale or {}).items():
-            edited[..., index] *= value
-        for index, value in (add or {}).items():
-            edited[..., index] += value
-        for index, value in (clamp or {}).items():
-            edited[..., index] = value
+        for which, value in (scale or {}).items():
+            edited[..., self.feature(which)] *= value
+        for which, value in (add or {}).items():
+            edited[..., self.feature(which)] += value
+        for which, value in (clamp or {}).items():
+            edited[..., self.feature(which)] = value
         # decode(edited) - decode(features) == (edited - features) @ W_dec: the error term kept.
         delta = (edited - features) @ self.W_dec
         return (x + delta.to(x.dtype)), features
@@ -133,6 +151,8 @@ def sae_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             settings[key] = value
         elif key in ("k", "layer"):
             settings[key] = int(value)
+        elif key == "feature_names":
+            settings[key] = {int(index): name for index, name in json.loads(value).items()}
         elif key == "subtract_decoder_bias":
             settings[key] = value.lower() in ("1", "true", "yes")
     settings.update(options)

@@ -137,9 +137,12 @@ class Placeholder:
 
 
 def _module_name(key: Any) -> bool:
-    """A name PyTorch accepts for a submodule or parameter: ``"proj"``, or ``"0"`` in a
-    ModuleList/Sequential; never empty, never dotted."""
-    return isinstance(key, str) and 0 < len(key) <= 256 and "." not in key and key.isprintable()
+    """A name for a submodule or parameter: ``"proj"``, or ``"0"`` in a ModuleList or
+    Sequential (letters, digits and underscores; never empty, never dotted)."""
+    return isinstance(key, str) and 0 < len(key) <= 256 and _MODULE_NAME.fullmatch(key) is not None
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 _BIG_INT = re.compile(r"-?[0-9]{1,4000}")

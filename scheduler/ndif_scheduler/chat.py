@@ -48,9 +48,9 @@ class FeatureEdit(BaseModel):
 
     sae: str
     layer: int | None = None
-    clamp: dict[int, float] = Field(default_factory=dict, description="feature -> value it is set to")
-    add: dict[int, float] = Field(default_factory=dict, description="feature -> amount added")
-    scale: dict[int, float] = Field(default_factory=dict, description="feature -> factor")
+    clamp: dict[str, float] = Field(default_factory=dict, description="feature (index or name) -> value it is set to")
+    add: dict[str, float] = Field(default_factory=dict, description="feature (index or name) -> amount added")
+    scale: dict[str, float] = Field(default_factory=dict, description="feature (index or name) -> factor")
     phase: Literal["all", "prompt", "generation"] = "all"
 
 
@@ -62,7 +62,7 @@ class ProbeRead(BaseModel):
 
 class FeatureRead(BaseModel):
     sae: str
-    features: list[int] = Field(min_length=1, max_length=64)
+    features: list[int | str] = Field(min_length=1, max_length=64, description="Indices or names.")
     layer: int | None = None
     name: str | None = None
 

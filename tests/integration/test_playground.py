@@ -68,3 +68,19 @@ def test_chat_steer_and_watch_the_heat_map(production_stack, page, tmp_path):
     assert "mood:" in details
     page.screenshot(path=str(shots / "playground-steered.png"))
     assert (shots / "playground-steered.png").stat().st_size > 10_000
+
+    # An SAE feature as the heat-map, clamped in the steered pane; the logit lens on hover.
+    page.select_option("#heat", "sae:res-2")
+    page.fill("#feature", "3")
+    page.fill("#feature-value", "9")
+    page.dispatch_event("#feature-value", "input")
+    page.select_option("#lens-layer", "2")
+    page.fill("#message", "And the mountains?")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('.turn.assistant[data-done=true]').length === 6", timeout=120_000)
+    tokens = page.locator("#steered .turn.assistant").nth(2).locator(".tok")
+    assert tokens.count() >= 1
+    tokens.first.hover()
+    details = page.inner_text("#details")
+    assert "feature:" in details and "logit lens:" in details
+    page.screenshot(path=str(shots / "playground-feature.png"))

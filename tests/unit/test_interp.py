@@ -76,6 +76,20 @@ def test_sae_shapes_and_settings_are_checked():
         small_sae(activation="gelu")
 
 
+def test_sae_features_by_name(tmp_path):
+    sae = small_sae(feature_names={2: "ocean"})
+    by_name, _ = sae.edit(X, clamp={"ocean": 0.0})
+    torch.testing.assert_close(by_name, torch.tensor([0.85, 0.95]))
+    interp.save_sae(sae, tmp_path / "named.safetensors")
+    loaded = interp.load_sae(tmp_path / "named.safetensors")
+    assert loaded.feature("ocean") == 2 and loaded.feature("1") == 1
+    with pytest.raises(ValueError, match="no feature named 'sky'"):
+        loaded.feature("sky")
+    with pytest.raises(ValueError, match="feature 7 is not one of"):
+        interp.EditFeatures(loaded, layer=0, clamp={7: 1.0})
+    assert interp.ReadFeatures(loaded, ["ocean", 0], layer=0).features == [2, 0]
+
+
 # -- probes and vectors: hand-computed ------------------------------------------------------
 
 

@@ -100,7 +100,7 @@ def test_migrate_twice_is_a_no_op(tmp_path):
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            assert MigrationContext.configure(connection).get_current_revision() == "0001"
+            assert MigrationContext.configure(connection).get_current_revision() == "0002"
     finally:
         engine.dispose()
 

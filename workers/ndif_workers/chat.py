@@ -105,9 +105,7 @@ def build_recipe(options: dict[str, Any], artifacts: Artifacts, layers: int, wid
         for edit in options.get("features") or ():
             sae = artifacts.get(edit["sae"], interp.SAE)
             fits(sae.d_in, f"SAE {edit['sae']!r}")
-            numbers = {
-                key: {int(k): float(v) for k, v in (edit.get(key) or {}).items()} for key in ("clamp", "add", "scale")
-            }
+            numbers = {key: dict(edit.get(key) or {}) for key in ("clamp", "add", "scale")}
             items.append(
                 interp.EditFeatures(sae, layer_ok(edit.get("layer")), phase=edit.get("phase", "all"), **numbers)
             )
