@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 import torch
+from conftest import write_artifacts
 from fake_vllm import FakeVLLM
 
 import ndif
@@ -24,23 +25,7 @@ HIDDEN = 64
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("artifacts")
-    generator = torch.Generator().manual_seed(0)
-    interp.save_vector(
-        interp.SteeringVector(torch.randn(HIDDEN, generator=generator) * 4, layer=1), folder / "joy.safetensors"
-    )
-    interp.save_probe(
-        interp.LinearProbe(torch.randn(HIDDEN, generator=generator), layer=2), folder / "mood.safetensors"
-    )
-    sae = interp.SAE(
-        torch.randn(HIDDEN, 32, generator=generator),
-        torch.zeros(32),
-        torch.randn(32, HIDDEN, generator=generator) * 0.1,
-        torch.zeros(HIDDEN),
-        layer=2,
-    )
-    interp.save_sae(sae, folder / "res-2.safetensors")
-    return folder
+    return write_artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
 def make_actor(tmp_path, monkeypatch, model, artifacts):
