@@ -34,7 +34,61 @@ def _splits_at_tap(node: torch.fx.Node) -> bool:
     return False
 
 
-@pytest.mark.parametrize("backend", ["graph", "aot_eager"])
+def split_at_taps(graph_module, example_inputs):
+    """A Dynamo backend shaped like vLLM's piecewise one: the graph is cut at every tap
+    (`_splits_at_tap`, vLLM's test), each tap alone in its piece, the other pieces compiled
+    (AOT autograd: functionalized) and run one after another; the taps' pieces run as they are."""
+    from torch.fx.passes.split_module import split_module
+
+    piece = 0
+    pieces = {}
+    for node in graph_module.graph.nodes:
+        if _splits_at_tap(node):
+            piece += 1
+            pieces[node] = piece
+            piece += 1
+        else:
+            pieces[node] = piece
+    split = split_module(graph_module, None, lambda node: pieces[node], keep_original_order=True)
+    taps_alone = 0
+    for name, child in list(split.named_children()):
+        if any(_splits_at_tap(node) for node in child.graph.nodes):
+            taps_alone += 1
+        else:
+            setattr(split, name, _Piece(child))
+    SPLITS.append(taps_alone)
+    return split.forward
+
+
+SPLITS: list[int] = []
+
+
+class _Piece(torch.nn.Module):
+    """A piece between taps, compiled by AOT autograd on its first call."""
+
+    def __init__(self, child):
+        super().__init__()
+        self.child = child
+        self.run = None
+
+    def forward(self, *args):
+        if self.run is None:
+            from functorch.compile import make_boxed_func
+            from torch._functorch.aot_autograd import aot_module_simplified
+
+            output = next(node for node in self.child.graph.nodes if node.op == "output")
+            single = not isinstance(output.args[0], (tuple, list))
+            if single:  # AOT autograd wants a tuple out
+                output.args = ((output.args[0],),)
+                self.child.recompile()
+            compiled = aot_module_simplified(
+                self.child, list(args), fw_compiler=lambda gm, _: make_boxed_func(gm.forward)
+            )
+            self.run = (lambda *a: compiled(*a)[0]) if single else compiled
+        return self.run(*args)
+
+
+@pytest.mark.parametrize("backend", ["graph", "aot_eager", "split"])
 def test_taps_run_inside_compiled_code_and_their_edits_reach_the_output(backend):
     torch.manual_seed(0)
     model = ToyForCausalLM().double().eval()
@@ -60,7 +114,8 @@ def test_taps_run_inside_compiled_code_and_their_edits_reach_the_output(backend)
         eager = model(ids, positions)
         assert len(served) == 4
         torch._dynamo.reset()
-        compiled = torch.compile(model.forward, backend=capture if backend == "graph" else backend, fullgraph=True)
+        chosen = {"graph": capture, "split": split_at_taps}.get(backend, backend)
+        compiled = torch.compile(model.forward, backend=chosen, fullgraph=True)
         first, second = compiled(ids, positions), compiled(ids, positions)
     assert len(served) == 12  # the op's Python ran at every tap of every compiled call
     assert [kind for _, kind, _ in served[:4]] == [taps.TUPLE] * 3 + [taps.TENSOR]
@@ -73,6 +128,8 @@ def test_taps_run_inside_compiled_code_and_their_edits_reach_the_output(backend)
     if backend == "graph":
         splits = [node for node in graphs[0].graph.nodes if _splits_at_tap(node)]
         assert len(splits) == 4  # where vLLM's piecewise backend cuts the graph
+    if backend == "split":
+        assert SPLITS[-1] == 4  # four pieces of one tap each ran between the compiled pieces
 
 
 def test_splitting_ops_are_asked_for_only_where_they_apply():
