@@ -85,14 +85,21 @@ def generate_with(
         if on_token is not None:
             on_token(step)
 
-    if getattr(model, "splits_residual", False):  # vLLM: the sampled token is served at every step
-        options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
-        if seed is not None:
-            options["seed"] = seed
-        if stop_tokens:
-            options["stop_token_ids"] = sorted(stop_tokens)
+    if getattr(model, "_ranks", False):
+        # A tensor-parallel vLLM engine runs traces on its ranks, in other processes: the
+        # steps come back with the result, and ``on_token`` sees them all at the end.
+        options = _vllm_options(max_tokens, temperature, top_p, seed, stop_tokens)
         with model.generate(prompt, **options) as tracer:
-            for step in tracer.iter[:max_tokens]:
+            seen = recipe.run(model, tracer)
+            tokens = tracer.result.save()
+        for step in range(len(tokens)):
+            observed(step, {name: values[step] for name, values in seen.items() if step < len(values)})
+        for token in tokens:
+            sampled(int(token))
+    elif getattr(model, "splits_residual", False):  # vLLM: the sampled token is served at every step
+        options = _vllm_options(max_tokens, temperature, top_p, seed, stop_tokens)
+        with model.generate(prompt, **options) as tracer:
+            for step in tracer.all():  # every step, however many the reply takes
                 observed(step, recipe.step(model, step))
                 sampled(int(model.samples.output.reshape(-1)[0]))
             tokens = tracer.result.save()
@@ -104,8 +111,19 @@ def generate_with(
         if stop_tokens:
             options["eos_token_id"] = sorted(stop_tokens)
         with model.generate(prompt, **options) as tracer:
-            for step in tracer.iter[:max_tokens]:
+            for step in tracer.all():
                 observed(step, recipe.step(model, step))
             output = tracer.result.save()
         tokens = output[0, len(prompt) :].tolist()
     return Generation([int(token) for token in tokens], steps, prompt_observations)
+
+
+def _vllm_options(
+    max_tokens: int, temperature: float, top_p: float, seed: int | None, stop_tokens: set[int] | None
+) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+    if seed is not None:
+        options["seed"] = seed
+    if stop_tokens:
+        options["stop_token_ids"] = sorted(stop_tokens)
+    return options

@@ -235,12 +235,14 @@ class Recipe(torch.nn.Module):
                     seen[item.name] = item.read(model, output).detach().float().cpu()
         return seen
 
-    def run(self, model: Any, tracer: Any, steps: int) -> dict[str, list[torch.Tensor]]:
-        """Inside a trace: apply the recipe at each of the first ``steps`` steps; returns, per
-        observation name, one tensor per step (saved: usable after the trace)."""
+    def run(self, model: Any, tracer: Any, steps: int | None = None) -> dict[str, list[torch.Tensor]]:
+        """Inside a trace: apply the recipe at each of the first ``steps`` steps (every step
+        if None); returns, per observation name, one tensor per step (saved: usable after
+        the trace)."""
         observations = save({name: [] for name in self.names})
+        loop = tracer.all() if steps is None else tracer.iter[:steps]
         try:
-            for step in tracer.iter[:steps]:
+            for step in loop:
                 for name, value in self.step(model, step).items():
                     observations[name].append(value)
         except IterationEnd:  # generation ended before ``steps``

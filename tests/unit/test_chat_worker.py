@@ -11,7 +11,7 @@ import uuid
 import pytest
 import torch
 from conftest import write_artifacts
-from fake_vllm import FakeVLLM
+from fake_vllm import FakeRanksVLLM, FakeVLLM
 
 import ndif
 from ndif import interp
@@ -143,21 +143,24 @@ def test_a_cancelled_chat_ends_cancelled(tmp_path, monkeypatch, llama, artifacts
     assert outcome["status"] == "cancelled" and chunks == []
 
 
+class Tokens:
+    """The toy engine has no tokenizer: a stand-in that spells token ids."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text):
+        return type("Encoded", (), {"input_ids": [ord(c) % 60 + 1 for c in text][-8:]})()
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(f"<{i}>" for i in ids)
+
+
 def test_chat_on_the_vllm_backend_runs_on_taps(tmp_path, monkeypatch, artifacts):
     model = FakeVLLM()
     folder = tmp_path / "toy-artifacts"
     folder.mkdir()
     interp.save_vector(interp.SteeringVector(torch.linspace(-1, 1, 16), layer=1), folder / "tilt.safetensors")
-
-    class Tokens:  # the toy engine has no tokenizer: a stand-in that spells token ids
-        eos_token_id = None
-        chat_template = None
-
-        def __call__(self, text):
-            return type("Encoded", (), {"input_ids": [ord(c) % 60 + 1 for c in text][-8:]})()
-
-        def decode(self, ids, skip_special_tokens=False):
-            return "".join(f"<{i}>" for i in ids)
 
     object.__setattr__(model, "tokenizer", Tokens())
     actor = make_actor(tmp_path, monkeypatch, model, folder)
@@ -170,3 +173,22 @@ def test_chat_on_the_vllm_backend_runs_on_taps(tmp_path, monkeypatch, artifacts)
     assert model.step_counts["taps"] - before["taps"] == 6 and model.step_counts["eager"] == before["eager"]
     _, plain, _ = chat(actor, temperature=0)
     assert plain["tokens"] != steered["tokens"]
+
+
+def test_chat_on_a_tensor_parallel_engine_streams_at_the_end_and_equals_one_engine(tmp_path, monkeypatch):
+    folder = tmp_path / "toy-artifacts"
+    folder.mkdir()
+    interp.save_vector(interp.SteeringVector(torch.linspace(-1, 1, 16), layer=1), folder / "tilt.safetensors")
+    results = []
+    for model in (FakeRanksVLLM(), FakeVLLM()):
+        object.__setattr__(model, "tokenizer", Tokens())
+        actor = make_actor(tmp_path / type(model).__name__, monkeypatch, model, folder)
+        options = {"steer": [{"vector": "tilt", "scale": 3.0}], "observe": {"norms": [2]}}
+        outcome, result, chunks = chat(actor, temperature=0, ndif=options)
+        assert outcome["status"] == "completed", outcome
+        assert [chunk["token"] for chunk in chunks] == result["tokens"]
+        results.append(result)
+    on_ranks, here = results
+    assert on_ranks["tokens"] == here["tokens"]
+    for a, b in zip(on_ranks["steps"], here["steps"]):
+        assert a["observations"]["norm:2"] == pytest.approx(b["observations"]["norm:2"], rel=1e-5)

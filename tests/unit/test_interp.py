@@ -310,3 +310,29 @@ def test_a_remote_body_cannot_reach_the_file_functions(llama):
         probe = interp.LinearProbe(torch.ones(64) / math.sqrt(64))
         score = probe(llama.model.layers[0].output[0]).save()
     assert score.shape[-1] > 0
+
+
+def test_generate_with_a_recipe_on_a_tensor_parallel_engine_equals_it_in_process():
+    from fake_vllm import FakeRanksVLLM
+
+    from ndif.interp.generation import generate_with
+
+    recipe = interp.Recipe(
+        interp.Steer(torch.linspace(-1, 1, 16, dtype=torch.float64), layers=1, scale=2.0), interp.ReadNorm(2)
+    )
+    seen = []
+    on_ranks = generate_with(FakeRanksVLLM(), [3, 1, 4], recipe, max_tokens=4, on_token=seen.append)
+    here = generate_with(FakeVLLM(), [3, 1, 4], recipe, max_tokens=4)
+    assert on_ranks.tokens == here.tokens and [step.token for step in seen] == here.tokens
+    for a, b in zip(on_ranks.steps, here.steps):
+        torch.testing.assert_close(a.observations["norm"], b.observations["norm"])  # the whole stream on both
+    torch.testing.assert_close(on_ranks.prompt["norm"], here.prompt["norm"])
+
+
+def test_generate_with_stops_at_a_stop_token(llama):
+    from ndif.interp.generation import generate_with
+
+    prompt = llama.tokenizer("The sea").input_ids
+    first = generate_with(llama, prompt, max_tokens=6).tokens[0]
+    stopped = generate_with(llama, prompt, interp.Recipe(interp.ReadNorm(1)), max_tokens=6, stop_tokens={first})
+    assert stopped.tokens == [first] and len(stopped.steps) == 1

@@ -54,6 +54,8 @@ class Handoff:
 class RankModel(NNsight):
     """The rank's model as a trace sees it; running a trace hands its blocks to the server."""
 
+    splits_residual = True  # vLLM's decoder layers, as on `VLLM` (see `ndif.interp`)
+
     def __init__(self, root: torch.nn.Module, source: str) -> None:
         super().__init__(root)
         object.__setattr__(self, "_source", source)
