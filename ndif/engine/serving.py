@@ -351,7 +351,10 @@ class ServingRun(Run):
 
     def _names_only_tapped(self, job: ServingJob) -> bool:
         untapped = self.untapped_names
-        return all(untapped.isdisjoint(names_in(mediator.body)) for mediator in job.mediators)
+        try:
+            return all(untapped.isdisjoint(names_in(mediator.body)) for mediator in job.mediators)
+        except Exception:  # noqa: BLE001 - code the scan cannot read runs eagerly, which serves everything
+            return False
 
     def retire(self, job: ServingJob, results: dict[Key, Any]) -> None:
         """The job's requests are done: serve ``tracer.result`` (each request's output;

@@ -57,7 +57,7 @@ def _scan_function(function: Any, names: set[str], seen: set[int], depth: int) -
             for scope in scopes:
                 try:
                     value = scope[name]
-                except (KeyError, TypeError, AttributeError):
+                except Exception:  # noqa: BLE001 - a name the code cannot resolve reaches nothing
                     continue
                 _follow(value, names, seen, depth + 1)
                 break
