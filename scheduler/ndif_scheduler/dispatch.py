@@ -399,6 +399,9 @@ class Dispatcher:
                 self.service.store.delete(key)
                 self.service.store.delete(f"requests/{job_id}")
                 session.execute(update(Job).where(Job.id == job_id).values(result_expired=True))
+            # A finished chat's streamed tokens go with its result (the result holds them all).
+            finished = select(Job.id).where(Job.finished_at < cutoff)
+            session.execute(delete(JobChunk).where(JobChunk.job_id.in_(finished)))
             session.commit()
 
     def refresh_deployments(self) -> None:

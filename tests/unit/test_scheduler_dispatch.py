@@ -13,7 +13,7 @@ import ndif_scheduler.dispatch as dispatch_module
 import ndif_scheduler.service as service_module
 from ndif_scheduler.auth import create_key
 from ndif_scheduler.config import Settings
-from ndif_scheduler.db import Deployment, Job, JobEvent, Lane, Status, migrate, utcnow
+from ndif_scheduler.db import Deployment, Job, JobChunk, JobEvent, Lane, Status, migrate, utcnow
 from ndif_scheduler.dispatch import Dispatcher
 from ndif_scheduler.service import Service
 from ndif_scheduler.store import new_id, record_received, transition
@@ -48,6 +48,7 @@ class FakeActor:
         self.run = Method("run", on_run)
         self.cancel = Method("cancel")
         self.health = Method("health")
+        self.chunks = Method("chunks")
 
 
 class FakeRay:
@@ -510,6 +511,39 @@ def test_expire_results_deletes_old_results(harness):
     with pytest.raises(KeyError):
         store.get(f"requests/{old}")
     assert store.get(f"results/{new}") == b"r" and store.get(f"requests/{new}") == b"q"
+
+
+def test_a_chats_tokens_are_stored_as_they_come_and_before_its_end(harness):
+    job_id = harness.add_job(Status.QUEUED)
+    with harness.service.sessions() as session:
+        session.execute(Job.__table__.update().where(Job.id == job_id).values(kind="chat"))
+        session.add(JobChunk(job_id=job_id, seq=0, data={"token": 99, "attempt": 0}))  # an earlier attempt's
+        session.commit()
+    produced = [{"token": n} for n in range(5)]
+    made = {"count": 0}
+
+    def chunks(ref):  # the actor's buffer grows by two tokens per look
+        since = ref[3]
+        made["count"] = min(made["count"] + 2, len(produced))
+        return produced[since : made["count"]]
+
+    harness.ray.answers["chunks"] = chunks
+    harness.ray.answers["run"] = {"status": "completed", "reason": None, "error": None, "result_bytes": 3}
+    harness.ray.pending = 2  # two looks while it runs, one after
+    harness.dispatcher.run(job_id)
+    assert harness.job(job_id).status == "COMPLETED"
+    with harness.service.sessions() as session:
+        rows = session.execute(select(JobChunk).where(JobChunk.job_id == job_id).order_by(JobChunk.seq)).scalars()
+        stored = [(row.seq, row.data) for row in rows]
+    assert stored == [(n, {"token": n, "attempt": 1}) for n in range(5)]  # all of them, this attempt's only
+    with harness.service.sessions() as session:
+        session.execute(
+            Job.__table__.update().where(Job.id == job_id).values(finished_at=utcnow() - timedelta(hours=2))
+        )
+        session.commit()
+    harness.dispatcher.expire_results()
+    with harness.service.sessions() as session:
+        assert session.execute(select(JobChunk).where(JobChunk.job_id == job_id)).first() is None
 
 
 def test_refresh_deployments_records_replica_health(harness):
