@@ -616,6 +616,8 @@ def create_app(service: Service | None = None) -> FastAPI:
     def _chat_failure(job: Job) -> Any:
         if job.status not in FINAL:
             return chat.openai_error(504, "the reply did not start in time; try again", "server_error", "timeout")
+        if job.status == Status.CANCELLED:
+            return chat.openai_error(409, f"the reply was cancelled ({job.id})", "cancelled", "cancelled")
         if job.error_reason == "user" or job.error_type == "ChatError":
             return chat.openai_error(400, f"{job.error_type}: {job.error_message}", code=job.error_type)
         return chat.openai_error(500, f"{job.error_type}: {job.error_message}", "server_error", job.error_type)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -687,3 +689,57 @@ def test_openapi_describes_the_api(api):
     assert post["requestBody"]["required"] is True
     assert "202" in post["responses"] and "429" in post["responses"]
     assert list(spec["paths"]["/v1/batches"]["post"]["requestBody"]["content"]) == ["application/x-ndif-batch"]
+
+
+# -- chat ---------------------------------------------------------------------------------------
+
+
+CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        ({"n": 2}, 400, "n must be 1"),
+        ({"stop": ["\n"]}, 400, "stop sequences are not supported"),
+        ({"temperature": 3}, 400, "temperature: Input should be less than or equal to 2"),
+        ({"messages": []}, 400, "messages: List should have at least 1 item"),
+        ({"ndif": {"observe": {"logit_lens": {"layer": 1, "k": 99}}}}, 400, "k: Input should be less than"),
+        ({"model": "nope"}, 404, "the model 'nope' is not deployed here"),
+    ],
+)
+def test_chat_requests_are_checked_before_a_job_is_made(api, change, status, message):
+    response = api.client.post("/v1/chat/completions", json={**CHAT, **change}, headers=api.headers())
+    assert response.status_code == status, response.text
+    error = response.json()["error"]  # OpenAI's error shape, which its clients read
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert api.enqueued == []
+
+
+def test_a_chat_request_is_queued_as_a_job_of_its_caller(api):
+    done = threading.Event()
+    answers = []
+
+    def ask():  # no worker runs here: the request waits until the job is cancelled below
+        answers.append(api.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3}, headers=api.headers()))
+        done.set()
+
+    threading.Thread(target=ask, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not api.enqueued and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job_id = api.enqueued[0][0]
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["kind"] == "chat" and job["status"] == "QUEUED"
+    assert api.get(f"/v1/jobs/{job_id}", who="bob").status_code == 404
+    payload = api.service.store.get(f"requests/{job_id}")
+    assert payload.startswith(b"ndif-chat/1\n") and b'"max_tokens": 3' in payload
+    api.delete(f"/v1/jobs/{job_id}")
+    assert done.wait(10)
+    assert answers[0].status_code == 409 and answers[0].json()["error"]["message"].startswith("the reply was cancelled")
+
+
+def test_the_playground_page_is_served(api):
+    page = api.client.get("/playground")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text and 'id="send"' in page.text
