@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -105,31 +104,3 @@ def sessions(tmp_path):
     engine = create_engine(url)
     yield session_factory(engine)
     engine.dispose()
-
-
-#: The tiny Llama's width (``ndif.make_tiny``'s default).
-HIDDEN = 64
-
-
-def write_artifacts(folder: Path) -> Path:
-    """A steering vector ("joy", layer 1), a probe ("mood", layer 2) and an SAE ("res-2"),
-    seeded, for chat requests to name."""
-    import torch
-
-    from ndif import interp
-
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    vector = interp.SteeringVector(torch.randn(HIDDEN, generator=generator) * 3, layer=1, name="joy")
-    interp.save_vector(vector, folder / "joy.safetensors")
-    probe = interp.LinearProbe(torch.randn(HIDDEN, generator=generator), layer=2, labels=["mood"])
-    interp.save_probe(probe, folder / "mood.safetensors")
-    sae = interp.SAE(
-        torch.randn(HIDDEN, 32, generator=generator),
-        torch.zeros(32),
-        torch.randn(32, HIDDEN, generator=generator) * 0.1,
-        torch.zeros(HIDDEN),
-        layer=2,
-    )
-    interp.save_sae(sae, folder / "res-2.safetensors")
-    return folder

@@ -29,11 +29,13 @@ This is a benchmark, not a test: nothing asserts on timings. It does check once,
 before timing, that ndif and nnsight save equal values (both wrap identical
 weights), so the two are known to do equal work.
 
-    python -m tests.bench.run [tracing] [service] [vllm] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
+    python -m tests.bench.run [tracing] [service] [chat] [vllm] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
 
 With no section named, every section runs: ``tracing`` (the tracing tables, the engine
-and the wire format, against nnsight), ``service``, and ``vllm`` (`tests.bench.vllm`:
-ndif.VLLM against plain vLLM; it needs a GPU and says it skipped without one).
+and the wire format, against nnsight), ``service``, ``chat`` (`tests.bench.chat`: the chat
+API's tokens/s per user and overall, against the same replies in process), and ``vllm``
+(`tests.bench.vllm`: ndif.VLLM against plain vLLM; it needs a GPU and says it skipped
+without one).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from . import cases as bench_cases  # noqa: E402
+from . import chat as bench_chat  # noqa: E402
 from . import engine as bench_engine  # noqa: E402
 from . import service as bench_service  # noqa: E402
 from . import vllm as bench_vllm  # noqa: E402
@@ -69,7 +72,7 @@ from .timing import Timing, measure, paired_difference, paired_ratio  # noqa: E4
 #: (batch, tokens) of the input sizes measured.
 SIZES = ((1, 16), (8, 64))
 #: The sections ``python -m tests.bench.run SECTION...`` may name (none named: all of them).
-SECTIONS = ("tracing", "service", "vllm")
+SECTIONS = ("tracing", "service", "chat", "vllm")
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -504,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 report.update(tracing(args))
             elif section == "vllm":  # GPU only: ndif.VLLM against plain vLLM (tests/bench/vllm.py)
                 report["vllm"] = bench_vllm.run_all(args.json.parent if args.json is not None else None)
+            elif section == "chat":  # the chat API's tokens/s per user and overall (tests/bench/chat.py)
+                report["chat"] = bench_chat.run(args)
             elif section == "service":
                 report["service"] = bench_service.run(args)
                 print(f"(service section: {time.perf_counter() - section_began:.0f} s)")

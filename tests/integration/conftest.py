@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_artifacts
+from chat_artifacts import write_artifacts
 
 import ndif_sdk
 from ndif_scheduler.stack import EmbeddedStack

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import write_artifacts
+from chat_artifacts import write_artifacts
 from fake_vllm import FakeRanksVLLM, FakeVLLM
 
 import ndif
