@@ -5,6 +5,7 @@
     ndif jobs list / status ID / result ID --out values.safetensors / cancel ID
     ndif batch list / status ID / results ID --out DIR / cancel ID
     ndif keys create NAME                   # with an admin key
+    ndif chat MODEL "Hi" --steer joy=6 --probe mood   # a steered reply, streamed
 
 The service's commands read ``NDIF_API_URL``/``NDIF_API_KEY`` (or the client config
 file, ``NDIF_CLIENT_CONFIG``); ``--api-url``/``--api-key`` override them.
@@ -81,6 +82,30 @@ def up(
     from .launcher import up as run
 
     raise typer.Exit(run(registry, port, state_dir))
+
+
+@app.command("chat")
+def chat_command(
+    model: Annotated[str, typer.Argument(help="The deployment to talk to.")],
+    message: Annotated[str, typer.Argument(help="What to say.")],
+    steer: Annotated[
+        list[str] | None, typer.Option("--steer", "-s", help="A steering vector: NAME or NAME=SCALE; repeatable.")
+    ] = None,
+    probe: Annotated[str | None, typer.Option(help="A probe to read per token (shades each token).")] = None,
+    norm: Annotated[int | None, typer.Option(help="Or: a layer whose stream norm shades each token.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="The reply's length limit.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    as_json: AsJson = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Chat once with a served model, steered, streaming the reply token by token.
+
+    ndif chat tiny-llama "How was your day?" --steer joy=6 --probe mood
+    """
+    from .commands import chat
+
+    chat(model, message, steer, probe, norm, max_tokens, temperature, as_json, api_url, api_key)
 
 
 @app.command()

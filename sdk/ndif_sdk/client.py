@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,35 @@ class Client:
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    # -- chat -----------------------------------------------------------------------
+
+    def chat_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Stream a chat completion (``POST /v1/chat/completions``, OpenAI's request with
+        ndif's ``ndif`` field): yields each ``chat.completion.chunk`` as it comes."""
+        import json
+
+        try:
+            request = {"json": {**body, "stream": True}, "timeout": None}
+            with self.http.stream("POST", "/v1/chat/completions", **request) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[len("data: ") :])
+                    if "error" in chunk:
+                        raise ServiceError(500, str(chunk["error"].get("message")), chunk)
+                    yield chunk
+        except httpx.TransportError as error:
+            raise ServiceError(
+                0, f"cannot reach the ndif service at {self.api_url} ({error or type(error).__name__}); is it up?"
+            ) from None
+
+    def steering(self, model: str) -> dict[str, Any]:
+        """What chat requests may use on ``model``: layers, and artifacts by name."""
+        return self._call("GET", f"/v1/models/{model}/steering")
 
     # -- jobs -----------------------------------------------------------------------
 
@@ -139,6 +169,8 @@ def _error(response: httpx.Response) -> ServiceError:
     except ValueError:
         body = {"detail": response.text[:500] or response.reason_phrase}
     detail = body.get("detail") if isinstance(body, dict) else str(body)
+    if detail is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
+        detail = str(body["error"].get("message"))  # the chat API answers in OpenAI's error shape
     if not isinstance(detail, str):  # FastAPI's validation errors: a list of problems
         detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
     status = response.status_code

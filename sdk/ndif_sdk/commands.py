@@ -699,3 +699,72 @@ def keys_create(
     kind = "admin key" if new.get("admin") else "key"
     typer.echo(f"created {kind} {new['id']} for {new['name']}; the service shows the secret only this once", err=True)
     typer.echo(f"use it with: export NDIF_API_KEY={new['key']}", err=True)
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+
+def _scale(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name, float(value) if value else 1.0
+    except ValueError:
+        fail(f"--steer takes NAME or NAME=SCALE (a number), not {text!r}")
+
+
+def chat(
+    model: str,
+    message: str,
+    steer: list[str] | None,
+    probe: str | None,
+    norm: int | None,
+    max_tokens: int,
+    temperature: float,
+    as_json: bool,
+    api_url: str | None,
+    api_key: str | None,
+) -> None:
+    """Stream one steered reply; each token is shaded by the chosen probe (or norm)."""
+    observe: dict[str, Any] = {}
+    watched = None
+    if probe:
+        observe["probes"] = [{"probe": probe}]
+        watched = probe
+    elif norm is not None:
+        observe["norms"] = [norm]
+        watched = f"norm:{norm}"
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": message}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ndif": {"steer": [{"vector": n, "scale": s} for n, s in map(_scale, steer or [])], "observe": observe},
+    }
+    out = Output()
+    tokens: list[dict[str, Any]] = []
+    with connect(api_url, api_key) as client:
+        for chunk in client.chat_stream(body):
+            step = chunk.get("ndif")
+            if step is None:
+                continue
+            step = {**step, "text": chunk["choices"][0]["delta"].get("content", "")}
+            tokens.append(step)
+            if as_json:
+                typer.echo(json.dumps(step))
+    if as_json:
+        return
+    values = [t["observations"].get(watched) for t in tokens] if watched else []
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    top = max((abs(v) for v in numbers), default=0.0) or 1.0
+    text = Text()
+    for index, token in enumerate(tokens):
+        value = values[index] if values else None
+        if isinstance(value, (int, float)):
+            shade = value if watched == probe else abs(value) / top
+            level = int(40 + 180 * max(0.0, min(1.0, shade)))
+            text.append(token["text"], style=f"on rgb({level},40,40)" if level > 40 else "")
+        else:
+            text.append(token["text"])
+    out.print(text)
+    if watched and numbers:
+        out.print(Text(f"{watched}: " + " ".join(f"{v:.2f}" for v in numbers), style="dim"))

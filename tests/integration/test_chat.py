@@ -4,6 +4,7 @@ through the tracing API, observations per token, clear errors, users kept apart.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import openai
@@ -139,3 +140,21 @@ def test_the_steering_options_of_a_model(production_stack, client):
     kinds = {entry["name"]: entry["kind"] for entry in info["artifacts"]}
     assert kinds == {"joy": "steering_vector", "mood": "probe", "res-2": "sae"}
     assert http.get("/playground").text.startswith("<!doctype html>")
+
+
+def test_the_command_line_chats_with_steering(production_stack, client):
+    from typer.testing import CliRunner
+
+    from ndif_sdk.cli import app
+
+    url, key = production_stack.url, client.api_key
+    args = ["chat", "tiny-llama", "Tell me about the sea", "--max-tokens", "8", "--api-url", url, "--api-key", key]
+    plain = CliRunner().invoke(app, [*args, "--json"])
+    steered = CliRunner().invoke(app, [*args, "--json", "--steer", "joy=4", "--probe", "mood"])
+    assert plain.exit_code == 0 and steered.exit_code == 0, (plain.output, steered.output)
+    tokens = [json.loads(line)["token"] for line in steered.output.splitlines()]
+    assert tokens == [step["token"] for step in ask(client, **STEER).ndif["steps"]]
+    assert tokens != [json.loads(line)["token"] for line in plain.output.splitlines()]
+    assert all("mood" in json.loads(line)["observations"] for line in steered.output.splitlines())
+    shown = CliRunner().invoke(app, [*args, "--steer", "joy=4", "--probe", "mood"])
+    assert shown.exit_code == 0 and "mood:" in shown.output

@@ -628,3 +628,45 @@ def test_run_forwarding_passes_ctrl_c_to_the_child_and_returns_its_status(tmp_pa
 def test_run_forwarding_reports_a_child_killed_by_a_signal_as_128_plus_it():
     code = launcher.run_forwarding([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     assert code == 128 + signal.SIGTERM
+
+
+# -- chat --------------------------------------------------------------------------------
+
+
+def sse(*chunks: dict) -> httpx.Response:
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+
+def token_chunk(index: int, text: str, mood: float) -> dict:
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        "ndif": {"index": index, "token": 100 + index, "observations": {"mood": mood}},
+    }
+
+
+def test_chat_streams_a_steered_reply_with_the_probe_per_token(service):
+    role = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    done = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    service.route(
+        "POST", "/v1/chat/completions", sse(role, token_chunk(0, "Sunny", 0.9), token_chunk(1, " day", 0.25), done)
+    )
+    result = ndif_cli("chat", "tiny-llama", "How was your day?", "--steer", "joy=6", "-s", "calm", "--probe", "mood")
+    assert result.exit_code == 0, result.output
+    assert "Sunny day" in result.output and "mood: 0.90 0.25" in result.output
+    body = json.loads(service.sent("POST", "/v1/chat/completions")[0].content)
+    assert body["stream"] is True and body["messages"] == [{"role": "user", "content": "How was your day?"}]
+    assert body["ndif"]["steer"] == [{"vector": "joy", "scale": 6.0}, {"vector": "calm", "scale": 1.0}]
+    assert body["ndif"]["observe"] == {"probes": [{"probe": "mood"}]}
+    lines = ndif_cli("chat", "tiny-llama", "Hi", "--json").output.splitlines()
+    assert [json.loads(line)["token"] for line in lines] == [100, 101]
+
+
+def test_chat_errors_are_one_line(service):
+    error = {"error": {"message": "ChatError: no artifact named 'gloom'", "type": "invalid_request_error"}}
+    service.json("POST", "/v1/chat/completions", error, status=400)
+    result = ndif_cli("chat", "tiny-llama", "Hi", "--steer", "gloom")
+    assert result.exit_code == 1 and "no artifact named 'gloom'" in result.output
+    result = ndif_cli("chat", "tiny-llama", "Hi", "--steer", "joy=lots")
+    assert result.exit_code == 1 and "NAME=SCALE" in result.output
