@@ -125,7 +125,7 @@ class Client:
         return response.content
 
     def result(self, job_id: str) -> Any:
-        """The job's decoded wire-format `Result`."""
+        """The job's decoded wire-format `Result` (a trace's)."""
         link = self.result_link(job_id)
         return codec.decode_result(self.download(link["url"]))
 

@@ -472,21 +472,32 @@ def jobs_result(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Write the values to FILE.safetensors (tensors) or FILE.pt.", metavar="FILE"),
+        typer.Option(
+            "--out", "-o", help="Write the values to FILE.safetensors or FILE.pt (a chat: FILE.json).", metavar="FILE"
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait until the job has ended.")] = False,
     api_url: ApiUrl = None,
     api_key: ApiKey = None,
 ) -> None:
     """A job's saved values (names, types, shapes), what it printed, and its error."""
-    if out is not None:
+    if out is not None and out.suffix != ".json":
         check_out_file(out)
     with connect(api_url, api_key) as client:
         if wait:
             job = job_handles.Job(job_id, client)
             job.refresh()
             job.wait()
-        result = client.result(job_id)
+        data = client.download(client.result_link(job_id)["url"])
+        if data.startswith(b"{"):  # a chat's result is its whole reply, as JSON
+            reply = json.loads(data)
+            if out is not None:
+                out.write_text(json.dumps(reply, indent=2))
+                typer.echo(f"wrote the reply ({len(reply['tokens'])} tokens) to {out}")
+            else:
+                typer.echo(reply["text"])
+            return
+        result = codec.decode_result(data)
     show_result(Output(), result)
     if result.error is not None:  # what it saved before failing is not its result
         fail(f"job {job_id} failed: {result.error.type}: {result.error.message}")

@@ -158,3 +158,6 @@ def test_the_command_line_chats_with_steering(production_stack, client):
     assert all("mood" in json.loads(line)["observations"] for line in steered.output.splitlines())
     shown = CliRunner().invoke(app, [*args, "--steer", "joy=4", "--probe", "mood"])
     assert shown.exit_code == 0 and "mood:" in shown.output
+    reply = ask(client, **STEER)
+    result = CliRunner().invoke(app, ["jobs", "result", reply.ndif["job_id"], "--api-url", url, "--api-key", key])
+    assert result.exit_code == 0 and result.output.strip() == reply.choices[0].message.content.strip()
