@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .recipes import Recipe
 
@@ -34,6 +35,16 @@ class Generation:
     tokens: list[int]
     steps: list[Step]
     prompt: dict[str, torch.Tensor] = field(default_factory=dict)  # per name: one row per prompt token
+
+
+class _Asked(StoppingCriteria):
+    """transformers' stopping criterion that asks a function (after the streamer has the token)."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 class _Streamer:
@@ -64,9 +75,16 @@ def generate_with(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_tokens: set[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generation:
     """Generate up to ``max_tokens`` tokens after ``prompt`` (token ids) with ``recipe``
-    applied at every step; ``on_token`` is called with each `Step` as it is sampled."""
+    applied at every step; ``on_token`` is called with each `Step` as it is sampled.
+
+    ``should_stop``, asked after each token, ends the generation early when it says so (a
+    stop sequence in the text). On a tensor-parallel engine, whose steps arrive at the end,
+    it cannot: the caller truncates.
+    """
+    stopping = should_stop or (lambda: False)
     recipe = recipe or Recipe()
     steps: list[Step] = []
     prompt_observations: dict[str, torch.Tensor] = {}
@@ -102,9 +120,13 @@ def generate_with(
             for step in tracer.all():  # every step, however many the reply takes
                 observed(step, recipe.step(model, step))
                 sampled(int(model.samples.output.reshape(-1)[0]))
-            tokens = tracer.result.save()
+                if stopping():
+                    tracer.stop()
+        tokens = [step.token for step in steps]
     else:
         options = {"max_new_tokens": max_tokens, "streamer": _Streamer(sampled)}
+        if should_stop is not None:
+            options["stopping_criteria"] = StoppingCriteriaList([_Asked(should_stop)])
         options.update(
             {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         )

@@ -106,7 +106,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     n: int = 1
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 sequences that end the reply (not included).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ndif: NdifOptions | None = None
@@ -115,8 +115,9 @@ class ChatCompletionRequest(BaseModel):
     def _supported(self) -> ChatCompletionRequest:
         if self.n != 1:
             raise ValueError("n must be 1: one reply per request")
-        if self.stop:
-            raise ValueError("stop sequences are not supported yet; the reply ends at the end-of-text token")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or any(len(sequence) > 200 for sequence in stops):
+            raise ValueError("stop takes up to 4 sequences of up to 200 characters")
         return self
 
     def payload(self, deployment_key: str) -> bytes:
@@ -128,6 +129,7 @@ class ChatCompletionRequest(BaseModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             "ndif": self.ndif.model_dump() if self.ndif else None,
         }
         return CHAT_PREFIX + json.dumps(body).encode()
@@ -228,6 +230,11 @@ def stream_events(service: Any, job: Job, model: str, include_usage: bool, timeo
     while True:
         rows, current = read_chunks(service, job.id, after)
         for row in rows:
+            if row.get("token") is None:  # held-back text released at the end (no token of its own)
+                if row["text"]:
+                    yield chunk(job, model, {"content": row["text"]})
+                after = row["seq"]
+                continue
             if attempt is not None and row.get("attempt") != attempt:
                 # The worker failed mid-reply and the job is running again from its start.
                 yield _error_event("the model worker failed during the reply; ask again", "worker_restarted")

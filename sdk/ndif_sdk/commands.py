@@ -755,10 +755,13 @@ def chat(
     tokens: list[dict[str, Any]] = []
     with connect(api_url, api_key) as client:
         for chunk in client.chat_stream(body):
+            content = chunk["choices"][0]["delta"].get("content", "") if chunk.get("choices") else ""
             step = chunk.get("ndif")
-            if step is None:
+            if step is None:  # text with no token of its own (held back near a stop sequence)
+                if content and tokens:
+                    tokens[-1]["text"] += content
                 continue
-            step = {**step, "text": chunk["choices"][0]["delta"].get("content", "")}
+            step = {**step, "text": content}
             tokens.append(step)
             if as_json:
                 typer.echo(json.dumps(step))

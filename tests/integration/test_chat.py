@@ -161,3 +161,21 @@ def test_the_command_line_chats_with_steering(production_stack, client):
     reply = ask(client, **STEER)
     result = CliRunner().invoke(app, ["jobs", "result", reply.ndif["job_id"], "--api-url", url, "--api-key", key])
     assert result.exit_code == 0 and result.output.strip() == reply.choices[0].message.content.strip()
+
+
+def test_a_stop_sequence_ends_the_reply_without_showing_it(client):
+    plain = ask(client)
+    pieces = [step["text"] for step in plain.ndif["steps"]]
+    cut = next(k for k in range(1, len(pieces)) if pieces[k].strip() and pieces[k] not in "".join(pieces[:k]))
+    stop = pieces[cut]
+    whole = client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=0, stop=stop
+    )
+    assert whole.choices[0].finish_reason == "stop"
+    assert stop not in whole.choices[0].message.content
+    assert plain.choices[0].message.content.startswith(whole.choices[0].message.content)
+    streamed = client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=0, stop=[stop], stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert text == whole.choices[0].message.content

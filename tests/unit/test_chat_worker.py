@@ -192,3 +192,40 @@ def test_chat_on_a_tensor_parallel_engine_streams_at_the_end_and_equals_one_engi
     assert on_ranks["tokens"] == here["tokens"]
     for a, b in zip(on_ranks["steps"], here["steps"]):
         assert a["observations"]["norm:2"] == pytest.approx(b["observations"]["norm:2"], rel=1e-5)
+
+
+class Pieces:
+    """A tokenizer stand-in whose tokens are given strings."""
+
+    def __init__(self, pieces: dict[int, str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_stop_sequences_cut_the_text_and_are_never_streamed_in_part():
+    from ndif_workers.chat import _Text
+
+    text = _Text(Pieces({1: "Hel", 2: "lo", 3: "\n", 4: "\n", 5: "World", 6: "!"}), ["\n\n", "XYZ"])
+    assert [text.add(token) for token in (1, 2, 3)] == ["Hel", "lo", ""]  # "\n" held: it may begin "\n\n"
+    assert not text.stopped
+    assert text.add(4) == "" and text.stopped and text.shown == "Hello"
+    assert text.add(5) == ""  # nothing after the stop
+    assert text.cut("Hello\n\nWorld") == "Hello"
+    held = _Text(Pieces({1: "Hi", 2: "\n", 3: "there"}), ["\n\n"])
+    assert [held.add(token) for token in (1, 2, 3)] == ["Hi", "", "\nthere"]  # released when it was not a stop
+    tail = _Text(Pieces({1: "Hi", 2: "X"}), ["XYZ"])
+    assert [tail.add(1), tail.add(2)] == ["Hi", ""] and tail.flush() == "X"  # released at the end
+
+
+def test_a_chat_ends_at_a_stop_sequence(tmp_path, monkeypatch, llama, artifacts):
+    actor = make_actor(tmp_path, monkeypatch, llama, artifacts)
+    _, plain, chunks = chat(actor, temperature=0, max_tokens=8)
+    pieces = [chunk["text"] for chunk in chunks]
+    cut = next(k for k in range(1, len(pieces)) if pieces[k].strip() and pieces[k] not in "".join(pieces[:k]))
+    outcome, stopped, streamed = chat(actor, temperature=0, max_tokens=8, stop=[pieces[cut]])
+    assert outcome["status"] == "completed", outcome
+    assert stopped["text"] == "".join(pieces[:cut]) and stopped["finish_reason"] == "stop"
+    assert stopped["tokens"] == plain["tokens"][: cut + 1]  # generation ended at the stop's token
+    assert "".join(chunk["text"] for chunk in streamed) == stopped["text"]

@@ -701,7 +701,7 @@ CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}]}
     ("change", "status", "message"),
     [
         ({"n": 2}, 400, "n must be 1"),
-        ({"stop": ["\n"]}, 400, "stop sequences are not supported"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop takes up to 4 sequences"),
         ({"temperature": 3}, 400, "temperature: Input should be less than or equal to 2"),
         ({"messages": []}, 400, "messages: List should have at least 1 item"),
         ({"ndif": {"observe": {"logit_lens": {"layer": 1, "k": 99}}}}, 400, "k: Input should be less than"),

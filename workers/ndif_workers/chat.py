@@ -155,7 +155,7 @@ def run_chat(
     prompt = chat_prompt(tokenizer, payload["messages"])
     recipe = build_recipe(payload.get("ndif") or {}, artifacts, len(interp.decoder_layers(model)), hidden_size(model))
     deadline = time.monotonic() + time_s
-    text = _Text(tokenizer)
+    text = _Text(tokenizer, payload.get("stop") or [])
     stops = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
 
     def on_token(step: Step) -> None:
@@ -163,37 +163,43 @@ def run_chat(
             raise JobCancelled("the chat was cancelled")
         if time.monotonic() > deadline:
             raise TimeLimitExceeded(f"the reply took longer than its limit of {time_s:g} s")
-        emit(
-            {
-                "index": step.index,
-                "token": step.token,
-                "text": text.add(step.token),
-                "observations": _lists(step.observations, tokenizer),
-            }
-        )
+        if text.stopped:  # a token sampled before the engine saw the stop: not part of the reply
+            return
+        observations = _lists(step.observations, tokenizer)
+        emit({"index": step.index, "token": step.token, "text": text.add(step.token), "observations": observations})
 
+    max_tokens = int(payload.get("max_tokens") or 64)
     generation = generate_with(
         model,
         prompt,
         recipe,
-        max_tokens=int(payload.get("max_tokens") or 64),
+        max_tokens=max_tokens,
         on_token=on_token,
         temperature=float(payload.get("temperature") or 0.0),
         top_p=float(payload.get("top_p") or 1.0),
         seed=payload.get("seed"),
         stop_tokens=stops,
+        should_stop=(lambda: text.stopped) if text.stop else None,
     )
-    return result_of(generation, prompt, tokenizer, stops, int(payload.get("max_tokens") or 64))
+    if not text.stopped:
+        rest = text.flush()  # text held back in case it began a stop sequence
+        if rest:
+            emit({"index": None, "token": None, "text": rest, "observations": {}})
+    return result_of(generation, prompt, tokenizer, stops, max_tokens, text)
 
 
 def result_of(
-    generation: Generation, prompt: list[int], tokenizer: Any, stops: set[int], max_tokens: int
+    generation: Generation, prompt: list[int], tokenizer: Any, stops: set[int], max_tokens: int, text: _Text
 ) -> dict[str, Any]:
+    if text.stopped:  # the reply ends with the token that completed the stop sequence
+        generation.tokens = generation.tokens[: len(text.tokens)]
+        generation.steps = generation.steps[: len(text.tokens)]
     tokens = generation.tokens
-    finished = "stop" if tokens and tokens[-1] in stops else ("length" if len(tokens) >= max_tokens else "stop")
-    shown = [token for token in tokens if token not in stops]
+    ended = text.stopped or (tokens and tokens[-1] in stops)
+    finished = "stop" if ended or len(tokens) < max_tokens else "length"
+    whole = tokenizer.decode([token for token in tokens if token not in stops], skip_special_tokens=True)
     return {
-        "text": tokenizer.decode(shown, skip_special_tokens=True),
+        "text": text.cut(whole),
         "tokens": tokens,
         "finish_reason": finished,
         "usage": {
@@ -234,15 +240,51 @@ def _lens(value: torch.Tensor, tokenizer: Any) -> list[Any]:
 
 
 class _Text:
-    """Each token's text, decoded in context (a character may span tokens)."""
+    """Each token's text, decoded in context (a character may span tokens), cut at the first
+    stop sequence. Text that may be the start of a stop sequence is held back until it is
+    not (or until `flush`), so a streamed reply never shows part of one."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
         self.tokenizer = tokenizer
+        self.stop = [sequence for sequence in stop if sequence]
         self.tokens: list[int] = []
+        self.full = ""
         self.shown = ""
+        self.stopped = False
 
     def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.tokens.append(token)
-        full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        piece, self.shown = full[len(self.shown) :], full
+        self.full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        end = len(self.full)
+        at = self._first_stop(self.full)
+        if at is not None:
+            end, self.stopped = at, True
+        elif self.stop:
+            end -= self._held(self.full)
+        piece, self.shown = self.full[len(self.shown) : end], self.full[:end]
         return piece
+
+    def flush(self) -> str:
+        piece, self.shown = self.full[len(self.shown) :], self.full
+        return piece
+
+    def cut(self, text: str) -> str:
+        """``text`` up to its first stop sequence."""
+        at = self._first_stop(text)
+        return text if at is None else text[:at]
+
+    def _first_stop(self, text: str) -> int | None:
+        found = [i for i in (text.find(sequence) for sequence in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _held(self, text: str) -> int:
+        """How many characters at the end of ``text`` could begin a stop sequence."""
+        longest = 0
+        for sequence in self.stop:
+            for size in range(min(len(sequence) - 1, len(text)), longest, -1):
+                if text.endswith(sequence[:size]):
+                    longest = size
+                    break
+        return longest
