@@ -229,3 +229,18 @@ def test_a_chat_ends_at_a_stop_sequence(tmp_path, monkeypatch, llama, artifacts)
     assert stopped["text"] == "".join(pieces[:cut]) and stopped["finish_reason"] == "stop"
     assert stopped["tokens"] == plain["tokens"][: cut + 1]  # generation ended at the stop's token
     assert "".join(chunk["text"] for chunk in streamed) == stopped["text"]
+
+
+def test_a_chat_on_the_vllm_backend_ends_at_a_stop_sequence(tmp_path, monkeypatch):
+    model = FakeVLLM()
+    object.__setattr__(model, "tokenizer", Tokens())
+    actor = make_actor(tmp_path, monkeypatch, model, tmp_path)
+    _, plain, _ = chat(actor, temperature=0, max_tokens=6)
+    tokens = plain["tokens"]
+    cut = next(k for k in range(1, len(tokens)) if tokens[k] not in tokens[:k])
+    outcome, stopped, chunks = chat(actor, temperature=0, max_tokens=6, stop=[f"<{tokens[cut]}>"])
+    assert outcome["status"] == "completed", outcome
+    assert stopped["tokens"] == tokens[: cut + 1] and stopped["finish_reason"] == "stop"
+    assert stopped["text"] == "".join(f"<{token}>" for token in tokens[:cut])
+    assert [chunk["token"] for chunk in chunks] == tokens[: cut + 1]
+    assert not model._hooks.run.jobs  # the stopped job left the engine
