@@ -244,3 +244,30 @@ def test_a_chat_on_the_vllm_backend_ends_at_a_stop_sequence(tmp_path, monkeypatc
     assert stopped["text"] == "".join(f"<{token}>" for token in tokens[:cut])
     assert [chunk["token"] for chunk in chunks] == tokens[: cut + 1]
     assert not model._hooks.run.jobs  # the stopped job left the engine
+
+
+def test_a_preempted_job_is_handed_back_for_a_retry(tmp_path, monkeypatch, llama, artifacts):
+    from ndif.engine.serving import Preempted
+    from ndif.wire.schema import ErrorInfo, Result
+
+    actor = make_actor(tmp_path, monkeypatch, llama, artifacts)
+
+    def preempted(*args, **kwargs):
+        raise Preempted("the engine preempted this job's request to free memory")
+
+    monkeypatch.setattr(actor_module, "run_chat", preempted)
+    outcome, _, _ = chat(actor)
+    assert (outcome["status"], outcome["reason"]) == ("error", "infrastructure")  # the dispatcher retries it
+    failed = Result(saved={}, logs=[], error=ErrorInfo(type="Preempted", message="preempted", frames=[]))
+    monkeypatch.setattr(actor_module, "run_request", lambda *args, **kwargs: failed)
+    actor.store.put(request_key("trace"), _a_trace_request())
+    assert actor.run("trace")["reason"] == "infrastructure"
+
+
+def _a_trace_request() -> bytes:
+    from ndif.wire import codec
+    from ndif.wire.schema import ClientInfo, Request, Source
+
+    client = ClientInfo(library="ndif", version="0", python="3.11.7")
+    body = Source(text="pass\n", filename="<t>", first_line=1)
+    return codec.encode_request(Request(client=client, model="tiny", kind="trace", body=body))

@@ -42,6 +42,17 @@ CHUNKS_KEPT_S = 60.0
 #: Error types that come from limits the service sets, not from the user's code failing.
 LIMIT_ERRORS = {"TimeLimitExceeded", "MemoryLimitExceeded", "SaveLimitExceeded"}
 
+#: Error types that say the engine, not the job, failed it: the dispatcher runs the job again.
+#: (A vLLM engine preempts requests when its KV cache runs short; an edited one cannot resume.)
+RETRY_ERRORS = {"Preempted"}
+
+
+def reason_of(error_type: str) -> str:
+    """Why a job ended in error: ``infrastructure`` (retried), ``limit``, or ``user``."""
+    if error_type in RETRY_ERRORS:
+        return "infrastructure"
+    return "limit" if error_type in LIMIT_ERRORS else "user"
+
 
 def outcome(status: str, reason: str | None = None, error: dict | None = None, **extra: Any) -> dict[str, Any]:
     """What a run reports back: ``status`` completed|error|cancelled, and why."""
@@ -166,7 +177,7 @@ class ModelActor:
         error = msgspec.to_builtins(result.error)
         if result.error.type == "JobCancelled":
             return outcome("cancelled", "cancelled", error, **extra)
-        reason = "limit" if result.error.type in LIMIT_ERRORS else "user"
+        reason = reason_of(result.error.type)
         return outcome("error", reason, error, **extra)
 
     def _run_chat(self, job_id: str, data: bytes, token: CancelToken, started: float) -> dict[str, Any]:
@@ -200,7 +211,7 @@ class ModelActor:
         timings = {"run": time.perf_counter() - started}
         if error is not None:
             status = "cancelled" if error["type"] == "JobCancelled" else "error"
-            reason = {"JobCancelled": "cancelled", "TimeLimitExceeded": "limit"}.get(error["type"], "user")
+            reason = "cancelled" if error["type"] == "JobCancelled" else reason_of(error["type"])
             return outcome(status, reason, error, timings=timings)
         encoded = json.dumps(result).encode()
         self.store.put(result_key(job_id), encoded)
