@@ -21,7 +21,6 @@ import torch
 from ndif import interp
 from ndif.interp.generation import Generation, Step, generate_with
 from ndif.sandbox import CancelToken, JobCancelled, TimeLimitExceeded
-from ndif_scheduler.storage import CHAT_PREFIX
 
 
 class ChatError(ValueError):
@@ -29,10 +28,14 @@ class ChatError(ValueError):
 
 
 def encode_chat(payload: dict[str, Any]) -> bytes:
+    from ndif_scheduler.storage import CHAT_PREFIX  # here, so that running a chat needs only ndif
+
     return CHAT_PREFIX + json.dumps(payload).encode()
 
 
 def decode_chat(data: bytes) -> dict[str, Any]:
+    from ndif_scheduler.storage import CHAT_PREFIX
+
     return json.loads(data[len(CHAT_PREFIX) :])
 
 
