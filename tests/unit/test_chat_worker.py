@@ -271,3 +271,12 @@ def _a_trace_request() -> bytes:
     client = ClientInfo(library="ndif", version="0", python="3.11.7")
     body = Source(text="pass\n", filename="<t>", first_line=1)
     return codec.encode_request(Request(client=client, model="tiny", kind="trace", body=body))
+
+
+def test_an_artifacts_own_layer_must_fit_the_model(tmp_path, monkeypatch, llama):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    interp.save_probe(interp.LinearProbe(torch.ones(HIDDEN), layer=9), folder / "deep.safetensors")
+    actor = make_actor(tmp_path, monkeypatch, llama, folder)
+    outcome, _, _ = chat(actor, ndif={"observe": {"probes": [{"probe": "deep"}]}})
+    assert outcome["status"] == "error" and "layer 9 is out of range" in outcome["error"]["message"]

@@ -27,14 +27,9 @@ class ChatError(ValueError):
     """The request cannot run as asked (an unknown artifact, a layer out of range...)."""
 
 
-def encode_chat(payload: dict[str, Any]) -> bytes:
-    from ndif_scheduler.storage import CHAT_PREFIX  # here, so that running a chat needs only ndif
-
-    return CHAT_PREFIX + json.dumps(payload).encode()
-
-
 def decode_chat(data: bytes) -> dict[str, Any]:
-    from ndif_scheduler.storage import CHAT_PREFIX
+    """A chat job's request (the API writes it: ``ChatCompletionRequest.payload``)."""
+    from ndif_scheduler.storage import CHAT_PREFIX  # here, so that running a chat needs only ndif
 
     return json.loads(data[len(CHAT_PREFIX) :])
 
@@ -127,6 +122,9 @@ def build_recipe(options: dict[str, Any], artifacts: Artifacts, layers: int, wid
         lens = observe.get("logit_lens")
         if lens:
             items.append(interp.LogitLens(layer_ok(lens["layer"]), lens.get("k", 5), "logit_lens"))
+        for item in items:  # the layers artifacts bring with them must fit this model too
+            for layer in item.at():
+                layer_ok(layer)
         return interp.Recipe(*items)
     except (ValueError, TypeError, IndexError) as error:
         if isinstance(error, ChatError):
