@@ -336,3 +336,14 @@ def test_generate_with_stops_at_a_stop_token(llama):
     first = generate_with(llama, prompt, max_tokens=6).tokens[0]
     stopped = generate_with(llama, prompt, interp.Recipe(interp.ReadNorm(1)), max_tokens=6, stop_tokens={first})
     assert stopped.tokens == [first] and len(stopped.steps) == 1
+
+
+def test_the_logit_lens_at_the_last_layer_on_vllm_predicts_the_sampled_token():
+    from ndif.interp.generation import generate_with
+
+    model = FakeVLLM()
+    last = len(model.model.layers) - 1
+    made = generate_with(model, [3, 1, 4], interp.Recipe(interp.LogitLens(last, k=3)), max_tokens=4)
+    for step in made.steps:  # greedy: the lens at the last layer is the model's own prediction
+        assert int(step.observations["logit_lens"][0, 0, 0]) == step.token
+    assert model.step_counts["taps"] == 4  # its norm and unembedding calls ran inside blocks, on taps
