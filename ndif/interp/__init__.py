@@ -3,6 +3,7 @@ declarative layer (`Recipe`) that compiles to ordinary interventions. They work 
 trace, local or remote, on the transformers and vLLM backends alike."""
 
 from .files import load, load_probe, load_sae, load_vector, save_probe, save_sae, save_vector
+from .generation import Generation, Step, generate_with
 from .probes import LinearProbe
 from .recipes import EditFeatures, LogitLens, ReadFeatures, ReadNorm, ReadProbe, Recipe, Steer
 from .sae import SAE
@@ -12,6 +13,7 @@ from .vectors import SteeringVector, contrast_vector, principal_direction, strea
 __all__ = [
     "SAE",
     "EditFeatures",
+    "Generation",
     "LinearProbe",
     "LogitLens",
     "ReadFeatures",
@@ -20,9 +22,11 @@ __all__ = [
     "Recipe",
     "Steer",
     "SteeringVector",
+    "Step",
     "add_to_stream",
     "contrast_vector",
     "decoder_layers",
+    "generate_with",
     "load",
     "load_probe",
     "load_sae",
