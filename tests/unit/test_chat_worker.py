@@ -6,6 +6,7 @@ tracing API; tokens stream out one chunk each; bad requests end in a clear error
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -280,3 +281,42 @@ def test_an_artifacts_own_layer_must_fit_the_model(tmp_path, monkeypatch, llama)
     actor = make_actor(tmp_path, monkeypatch, llama, folder)
     outcome, _, _ = chat(actor, ndif={"observe": {"probes": [{"probe": "deep"}]}})
     assert outcome["status"] == "error" and "layer 9 is out of range" in outcome["error"]["message"]
+
+
+def test_concurrent_chats_share_the_vllm_engines_steps_and_each_sees_only_its_steering(tmp_path, monkeypatch):
+    """The CPU counterpart of tests/gpu/test_vllm_chat.py: users' chats in one engine's batches."""
+    import threading
+
+    model = FakeVLLM()
+    object.__setattr__(model, "tokenizer", Tokens())
+    folder = tmp_path / "toy-artifacts"
+    folder.mkdir()
+    interp.save_vector(interp.SteeringVector(torch.linspace(-1, 1, 16), layer=1), folder / "tilt.safetensors")
+    actor = make_actor(tmp_path, monkeypatch, model, folder)
+    scales = [0.0, 2.0, -2.0, 4.0]
+
+    def ask(scale):
+        return chat(actor, temperature=0, max_tokens=6, ndif={"steer": [{"vector": "tilt", "scale": scale}]})
+
+    alone = [ask(scale) for scale in scales]
+    steps = model.engine.steps
+    together: list = [None] * len(scales)
+    model.hold()  # all four are queued before the engine takes a step
+
+    def user(n):
+        together[n] = ask(scales[n])
+
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(len(scales))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(model.engine.waiting) < len(scales) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    model.release()
+    for thread in threads:
+        thread.join(60)
+    assert model.engine.steps - steps == 6  # four users' chats, the steps of one
+    for (_, mine, _), (outcome, theirs, chunks) in zip(alone, together):
+        assert outcome["status"] == "completed"
+        assert theirs["tokens"] == mine["tokens"] and [c["token"] for c in chunks] == mine["tokens"]
+    assert len({tuple(r[1]["tokens"]) for r in alone}) > 1  # the scales did steer
