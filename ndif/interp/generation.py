@@ -26,6 +26,7 @@ class Step:
     index: int
     token: int
     observations: dict[str, torch.Tensor]  # per name: that position's values
+    prompt: dict[str, torch.Tensor] | None = None  # the first step's: per name, a row per prompt token
 
 
 @dataclass
@@ -98,7 +99,8 @@ def generate_with(
 
     def sampled(token: int) -> None:
         index = len(steps)
-        step = Step(index, token, pending[index] if index < len(pending) else {})
+        observations = pending[index] if index < len(pending) else {}
+        step = Step(index, token, observations, prompt_observations if index == 0 else None)
         steps.append(step)
         if on_token is not None:
             on_token(step)

@@ -242,6 +242,8 @@ def stream_events(service: Any, job: Job, model: str, include_usage: bool, timeo
             attempt = row.get("attempt")
             after = row["seq"]
             ndif = {"index": row["index"], "token": row["token"], "observations": row["observations"]}
+            if "prompt" in row:  # the first token's chunk also says what the model read
+                ndif["prompt"] = row["prompt"]
             yield chunk(job, model, {"content": row["text"]}, ndif=ndif)
         if current.status in FINAL:
             break

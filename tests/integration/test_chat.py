@@ -59,6 +59,9 @@ def test_a_streamed_reply_is_the_same_reply_token_by_token(client):
         )
     )
     tokens = [chunk for chunk in chunks if getattr(chunk, "ndif", None)]
+    prompt = tokens[0].ndif["prompt"]  # the first token's chunk also says what the model read
+    assert prompt["tokens"] == whole.ndif["prompt_tokens"]
+    assert prompt["observations"]["mood"] == pytest.approx(whole.ndif["prompt_observations"]["mood"])
     assert "".join(chunk.choices[0].delta.content for chunk in tokens) == whole.choices[0].message.content
     assert [chunk.ndif["token"] for chunk in tokens] == [step["token"] for step in whole.ndif["steps"]]
     for chunk, step in zip(tokens, whole.ndif["steps"]):

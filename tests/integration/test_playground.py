@@ -66,6 +66,11 @@ def test_chat_steer_and_watch_the_heat_map(production_stack, page, tmp_path):
     tokens.first.hover()
     details = page.inner_text("#details")
     assert "mood:" in details
+    prompt = page.locator("#steered .prompt").nth(1).locator(".tok")  # what the model read, coloured too
+    assert prompt.count() > tokens.count()
+    assert prompt.first.evaluate("t => getComputedStyle(t).backgroundColor").startswith("rgba(220, 60, 40")
+    prompt.last.hover()
+    assert "(prompt)" in page.inner_text("#details")
     page.screenshot(path=str(shots / "playground-steered.png"))
     assert (shots / "playground-steered.png").stat().st_size > 10_000
 

@@ -77,6 +77,9 @@ def test_a_steered_reply_equals_the_same_steering_in_a_trace(tmp_path, monkeypat
         assert chunk["observations"]["mood"] == pytest.approx(float(score), rel=1e-5)
         assert isinstance(chunk["observations"]["norm:1"], float)
     assert len(steered["prompt_observations"]["mood"]) == len(prompt) == len(steered["prompt_tokens"])
+    first = chunks[0]["prompt"]  # the stream says what the model read, with its first token
+    assert first["tokens"] == steered["prompt_tokens"] and first["observations"] == steered["prompt_observations"]
+    assert all("prompt" not in chunk for chunk in chunks[1:])
     assert steered["usage"]["completion_tokens"] == len(expected)
 
 

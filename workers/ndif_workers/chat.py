@@ -166,8 +166,18 @@ def run_chat(
             raise TimeLimitExceeded(f"the reply took longer than its limit of {time_s:g} s")
         if text.stopped:  # a token sampled before the engine saw the stop: not part of the reply
             return
-        observations = _lists(step.observations, tokenizer)
-        emit({"index": step.index, "token": step.token, "text": text.add(step.token), "observations": observations})
+        chunk = {
+            "index": step.index,
+            "token": step.token,
+            "text": text.add(step.token),
+            "observations": _lists(step.observations, tokenizer),
+        }
+        if step.prompt is not None:  # with the first token: what the model read, token by token
+            chunk["prompt"] = {
+                "tokens": [tokenizer.decode([token]) for token in prompt],
+                "observations": _lists(step.prompt, tokenizer),
+            }
+        emit(chunk)
 
     max_tokens = int(payload.get("max_tokens") or 64)
     generation = generate_with(
