@@ -487,10 +487,12 @@ class ToyTPForCausalLM(torch.nn.Module):
 class FakeTPVLLM(FakeVLLM):
     """`FakeVLLM` on one rank of a tensor-parallel toy (``torch.distributed`` initialised by the caller)."""
 
-    def __init__(self, rank: int, size: int, budget: int = 64) -> None:
+    def __init__(self, rank: int, size: int, budget: int = 64, taps: bool = False) -> None:
         from ndif.models.vllm.tp import model_shardings
 
         module = ToyTPForCausalLM(rank, size).eval()
+        if taps:
+            add_taps(module)
         runner = FakeRunner(module)
         hooks = attach(runner)
         engine = FakeEngine(runner, budget=budget)

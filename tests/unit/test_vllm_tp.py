@@ -78,14 +78,28 @@ def tp_trace(model):
     return [value.clone() for value in seen], tokens
 
 
-def _rank(rank, size, port, results):
+def taps_trace(model):
+    """Steering and reads of layer outputs only: on an engine with taps, its steps run on them."""
+    with model.generate([3, 1, 4, 1, 5], max_tokens=3) as tracer:
+        seen = ndif.save([])
+        for step in tracer.iter[:3]:
+            model.model.layers[0].output[0][:] += 0.5
+            seen.append(model.model.layers[1].output[0])
+        tokens = tracer.result.save()
+    return [value.clone() for value in seen], tokens, dict(model.step_counts)
+
+
+def _rank(rank, size, port, results, taps=False):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        values, tokens = tp_trace(FakeTPVLLM(rank, size))
-        results.put((rank, ([value.tolist() for value in values], tokens)))  # plain data: the child exits
+        if taps:
+            values, tokens, counts = taps_trace(FakeTPVLLM(rank, size, taps=True))
+        else:
+            (values, tokens), counts = tp_trace(FakeTPVLLM(rank, size)), {}
+        results.put((rank, ([value.tolist() for value in values], tokens, counts)))  # plain data: the child exits
     finally:
         dist.destroy_process_group()
 
@@ -96,21 +110,36 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.timeout(120)
-def test_two_ranks_see_and_edit_the_same_whole_values_as_one():
-    expected_values, expected_tokens = tp_trace(FakeTPVLLM(0, 1))
+def _two_ranks(taps=False):
     context = mp.get_context("spawn")
     results = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_rank, args=(rank, 2, port, results)) for rank in range(2)]
+    processes = [context.Process(target=_rank, args=(rank, 2, port, results, taps)) for rank in range(2)]
     for process in processes:
         process.start()
     ranks = dict(results.get(timeout=100) for _ in processes)
     for process in processes:
         process.join(30)
         assert process.exitcode == 0
+    return ranks
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_see_and_edit_the_same_whole_values_as_one():
+    expected_values, expected_tokens = tp_trace(FakeTPVLLM(0, 1))
+    ranks = _two_ranks()
     for rank in (0, 1):
-        values, tokens = ranks[rank]
+        values, tokens, _ = ranks[rank]
         assert tokens == expected_tokens
+        for got, want in zip(values, expected_values):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_on_taps_equal_one_rank():
+    expected_values, expected_tokens, _ = taps_trace(FakeTPVLLM(0, 1, taps=True))
+    for rank, (values, tokens, counts) in _two_ranks(taps=True).items():
+        assert tokens == expected_tokens
+        assert counts["taps"] == 3 and counts["eager"] == 0, (rank, counts)  # every rank stepped on taps
         for got, want in zip(values, expected_values):
             torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=0, atol=1e-10)
