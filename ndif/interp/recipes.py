@@ -47,9 +47,11 @@ class Item(torch.nn.Module):
     """One thing a `Recipe` does at some layers. Items are modules so that a recipe built
     on a laptop travels to a server inside a remote trace."""
 
+    layer: int
+
     def at(self) -> list[int]:
-        """The decoder layers whose output it uses."""
-        raise NotImplementedError
+        """The decoder layers whose output it uses (its ``layer``, unless it has several)."""
+        return [self.layer]
 
 
 class Steer(Item):
@@ -107,9 +109,6 @@ class EditFeatures(Item):
         self.scale = _features(scale, sae)
         self.phase = _check_phase(phase)
 
-    def at(self) -> list[int]:
-        return [self.layer]
-
     def edit(self, model: Any, output: Any, step: int) -> None:
         if _in_phase(self.phase, step):
             stream = read_stream(model, output)
@@ -130,9 +129,6 @@ class ReadProbe(Item):
         self.layer = _layer_of(layer, probe, "ReadProbe")
         self.name = name
 
-    def at(self) -> list[int]:
-        return [self.layer]
-
     def read(self, model: Any, output: Any) -> torch.Tensor:
         return self.probe(_tokens(read_stream(model, output)))
 
@@ -149,9 +145,6 @@ class ReadFeatures(Item):
         self.layer = _layer_of(layer, sae, "ReadFeatures")
         self.name = name
 
-    def at(self) -> list[int]:
-        return [self.layer]
-
     def read(self, model: Any, output: Any) -> torch.Tensor:
         return self.sae.encode(_tokens(read_stream(model, output)))[:, self.features]
 
@@ -163,9 +156,6 @@ class ReadNorm(Item):
         super().__init__()
         self.layer = int(layer)
         self.name = name
-
-    def at(self) -> list[int]:
-        return [self.layer]
 
     def read(self, model: Any, output: Any) -> torch.Tensor:
         return _tokens(read_stream(model, output)).float().norm(dim=-1)
@@ -180,9 +170,6 @@ class LogitLens(Item):
         self.layer = int(layer)
         self.k = int(k)
         self.name = name
-
-    def at(self) -> list[int]:
-        return [self.layer]
 
     def read(self, model: Any, output: Any) -> torch.Tensor:
         logits = logit_lens(model, _tokens(read_stream(model, output)))

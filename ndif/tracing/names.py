@@ -52,8 +52,7 @@ def _scan_function(function: Any, names: set[str], seen: set[int], depth: int) -
         else:
             _follow(value, names, seen, depth + 1)
     for each in codes:
-        _scan_code(each, names)
-        for name in _code_names(each):
+        for name in _scan_code(each, names):
             for scope in scopes:
                 try:
                     value = scope[name]
@@ -100,22 +99,18 @@ def _scan_class(cls: type, names: set[str], seen: set[int], depth: int) -> None:
             _scan_function(value, names, seen, depth)
 
 
-def _code_names(code: types.CodeType) -> set[str]:
-    found = set(code.co_names)
+def _scan_code(code: types.CodeType, names: set[str]) -> set[str]:
+    """Add ``code``'s names and string words (nested code too) to ``names``; returns the
+    names it looks up (attributes and globals), for the caller to resolve."""
+    looked_up = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            found |= _code_names(const)
-    return found
-
-
-def _scan_code(code: types.CodeType, names: set[str]) -> None:
-    names.update(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            _scan_code(const, names)
+            looked_up |= _scan_code(const, names)
         elif isinstance(const, str):
             names.update(_PARTS.findall(const))
         elif isinstance(const, (tuple, frozenset)):
             for item in const:
                 if isinstance(item, str):
                     names.update(_PARTS.findall(item))
+    names.update(looked_up)
+    return looked_up

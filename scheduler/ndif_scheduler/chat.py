@@ -174,12 +174,16 @@ def completion(job: Job, model: str, result: dict[str, Any]) -> dict[str, Any]:
 
 def chunk(job: Job, model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
     """One server-sent event of a ``chat.completion.chunk``."""
+    return _event(job, model, [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra)
+
+
+def _event(job: Job, model: str, choices: list[dict[str, Any]], **extra: Any) -> str:
     body = {
         "id": f"chatcmpl-{job.id}",
         "object": "chat.completion.chunk",
         "created": int(job.created_at.timestamp()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": choices,
         **extra,
     }
     return f"data: {json.dumps(body)}\n\n"
@@ -258,15 +262,7 @@ def stream_events(service: Any, job: Job, model: str, include_usage: bool, timeo
     result = json.loads(service.store.get(current.result_key))
     yield chunk(job, model, {}, result["finish_reason"])
     if include_usage:
-        body = {
-            "id": f"chatcmpl-{job.id}",
-            "object": "chat.completion.chunk",
-            "created": int(job.created_at.timestamp()),
-            "model": model,
-            "choices": [],
-            "usage": result["usage"],
-        }
-        yield f"data: {json.dumps(body)}\n\n"
+        yield _event(job, model, [], usage=result["usage"])
     yield "data: [DONE]\n\n"
 
 

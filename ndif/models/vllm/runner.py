@@ -55,6 +55,8 @@ class Hooks:
         self.root: torch.nn.Module = runner.model
         self.logits = Passthrough()
         self.samples = Passthrough()
+        # ``eager`` is set only while an eager step's forward runs (the dispatcher and the
+        # model's pre-hook read it); ``mode`` lasts the whole step, sampling included.
         self.eager = False
         self.mode = StepMode.GRAPHS  # this step's
         self.stepping = False
