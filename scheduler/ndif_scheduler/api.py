@@ -581,7 +581,7 @@ def create_app(service: Service | None = None) -> FastAPI:
             )
         timeout = settings.job_time_s + settings.actor_wait_s + 60
         if body.stream:
-            started = await anyio.to_thread.run_sync(chat.wait_for_start, service, job.id, timeout)
+            started = await anyio.to_thread.run_sync(chat.wait_for, service, job.id, timeout, True)
             if started.status in FINAL and started.status != Status.COMPLETED:
                 return _chat_failure(started)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -598,7 +598,7 @@ def create_app(service: Service | None = None) -> FastAPI:
                     await anyio.to_thread.run_sync(_cancel_chat, job.id)
 
             return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        finished = await anyio.to_thread.run_sync(chat.wait_for_end, service, job.id, timeout)
+        finished = await anyio.to_thread.run_sync(chat.wait_for, service, job.id, timeout)
         if finished.status != Status.COMPLETED:
             if finished.status not in FINAL:
                 await anyio.to_thread.run_sync(_cancel_chat, job.id)

@@ -189,24 +189,18 @@ def _event(job: Job, model: str, choices: list[dict[str, Any]], **extra: Any) ->
     return f"data: {json.dumps(body)}\n\n"
 
 
-def wait_for_start(service: Any, job_id: str, timeout: float) -> Job:
-    """Wait until a chat job has its first token or has ended; returns the job row."""
+def wait_for(service: Any, job_id: str, timeout: float, first_token: bool = False) -> Job:
+    """Wait until a chat job has ended (or, with ``first_token``, has its first token), at
+    most ``timeout`` seconds; returns the job row."""
     deadline = time.monotonic() + timeout
     while True:
         with service.sessions() as session:
             job = session.get(Job, job_id)
-            started = session.execute(select(JobChunk.seq).where(JobChunk.job_id == job_id).limit(1)).first()
-        if job.status in FINAL or started is not None or time.monotonic() > deadline:
-            return job
-        time.sleep(POLL_S)
-
-
-def wait_for_end(service: Any, job_id: str, timeout: float) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        with service.sessions() as session:
-            job = session.get(Job, job_id)
-        if job.status in FINAL or time.monotonic() > deadline:
+            started = (
+                first_token
+                and session.execute(select(JobChunk.seq).where(JobChunk.job_id == job_id).limit(1)).first() is not None
+            )
+        if job.status in FINAL or started or time.monotonic() > deadline:
             return job
         time.sleep(POLL_S)
 
