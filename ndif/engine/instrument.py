@@ -51,6 +51,11 @@ class Controller:
         self._signature: inspect.Signature | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Being traced by torch.compile: a module shared with an instrumented model (vLLM
+            # caches rotary embeddings across engines) compiles as itself; Dynamo cannot
+            # trace a context variable.
+            return self.body(self.module_ref(), *args, **kwargs)
         run = ACTIVE_RUN.get()
         if run is None:
             return self.body(self.module_ref(), *args, **kwargs)

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .stream import follow
+
 OUTPUTS = ("sigmoid", "softmax", "logit")
 
 
@@ -48,6 +50,7 @@ class LinearProbe(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores ``[...]`` for one score, ``[..., classes]`` otherwise."""
+        follow(self, x)
         x = x.to(self.weight.dtype)
         if self.weight.dim() == 1:
             score = x @ self.weight + self.bias[0]

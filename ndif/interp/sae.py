@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .stream import follow
+
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 
 
@@ -91,6 +93,7 @@ class SAE(torch.nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations ``[..., d_sae]`` of activations ``x`` ``[..., d_in]``."""
+        follow(self, x)
         x = x.to(self.W_enc.dtype)
         if self.subtract_decoder_bias:
             x = x - self.b_dec
@@ -104,6 +107,7 @@ class SAE(torch.nn.Module):
 
     def decode(self, features: torch.Tensor) -> torch.Tensor:
         """The reconstruction ``[..., d_in]`` of ``features``."""
+        follow(self, features)
         return features @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

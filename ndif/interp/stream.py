@@ -13,6 +13,15 @@ from typing import Any
 import torch
 
 
+def follow(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Move ``module`` (a probe or SAE, loaded on the CPU) to ``x``'s device, once: the
+    activations it reads are on the model's GPU."""
+    for parameter in module.parameters():
+        if parameter.device != x.device:
+            module.to(x.device)
+        return
+
+
 def split_residual(model: Any) -> bool:
     """Whether ``model``'s decoder layers return the stream as ``(hidden, residual)`` (vLLM)."""
     return bool(getattr(model, "splits_residual", False))

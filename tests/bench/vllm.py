@@ -18,7 +18,8 @@ engine's memory), one after the other:
 
 Prints output tokens/s and the ratios the issue sets goals for; writes JSON.
 
-    python -m tests.bench.vllm [--out DIR] [--layers N] [--requests N] [--tokens N]
+    python -m tests.bench.vllm [--out DIR] [--layers N] [--requests N] [--tokens N] [--parts plain,ndif]
+    python -m tests.bench.vllm --report A/bench-vllm.json B/bench-vllm.json   # parts run apart, one table
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ ENGINE = {
 }
 
 
-#: One process each: plain vLLM as shipped, eager, both with the engine core in-process (as ndif runs it), ndif.
-PARTS = ["plain", "plain-eager", "plain-inproc", "ndif"]
+#: One process each: plain vLLM as shipped, eager, ndif, and plain vLLM with the engine core
+#: in-process (as ndif runs it; a diagnostic, last so that a run cut short has the rest).
+PARTS = ["plain", "plain-eager", "ndif", "plain-inproc"]
 
 
 def write_config(folder: Path, layers: int | None) -> Path:
@@ -185,29 +187,33 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
         }
         print(name, results[name], flush=True)
 
+    cases = {
+        "ndif-none": lambda: [(plain, p) for p in batch],
+        "ndif-save": lambda: [(saving, p) for p in batch],
+        "ndif-steer": lambda: [(steering, p) for p in batch],
+        "ndif-steer-10%": lambda: [(steering if n % 10 == 0 else plain, p) for n, p in enumerate(batch)],
+        "ndif-steer-eager": lambda: [(steering_eagerly, p) for p in batch],
+        "ndif-steer-10%-eager": lambda: [(steering_eagerly if n % 10 == 0 else plain, p) for n, p in enumerate(batch)],
+    }
+    chosen = [f"ndif-{name}" for name in args.cases.split(",")] if args.cases else list(cases)
     timed("warm-up", [(saving, p) for p in batch[:8]])
-    timed("ndif-none", [(plain, p) for p in batch])
-    if args.only_none:
-        del results["warm-up"]
-        return results
-    if args.profile:  # where the engine thread's time goes in the save case
-        import cProfile
-        import io
-        import pstats
+    for name in chosen:
+        if args.profile:  # where the engine thread's time goes, case by case (slower: not timings)
+            import cProfile
+            import io
+            import pstats
 
-        profiler = cProfile.Profile()
-        model._loop.call(profiler.enable)
-        timed("ndif-save-profiled", [(saving, p) for p in batch])
-        model._loop.call(profiler.disable)
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-        Path(args.profile).write_text(text.getvalue())
-        del results["ndif-save-profiled"]
-    timed("ndif-save", [(saving, p) for p in batch])
-    timed("ndif-steer", [(steering, p) for p in batch])
-    timed("ndif-steer-10%", [(steering if n % 10 == 0 else plain, p) for n, p in enumerate(batch)])
-    timed("ndif-steer-eager", [(steering_eagerly, p) for p in batch])
-    timed("ndif-steer-10%-eager", [(steering_eagerly if n % 10 == 0 else plain, p) for n, p in enumerate(batch)])
+            profiler = cProfile.Profile()
+            model._loop.call(profiler.enable)
+            timed(name, cases[name]())
+            model._loop.call(profiler.disable)
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            (Path(args.profile) / f"profile-{name}.txt").write_text(text.getvalue())
+        else:
+            timed(name, cases[name]())
     del results["warm-up"]
     return results
 
@@ -229,9 +235,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--part", choices=PARTS, default=None)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--only-none", action="store_true", help="with --part ndif: the no-intervention case only")
-    parser.add_argument("--profile", default=None, help="write a profile of the engine thread (save case) here")
+    parser.add_argument(
+        "--cases", default=None, help="with --part ndif: these cases only (none,save,steer,steer-10%%,...)"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="with --part ndif: profile the engine thread per case into this folder"
+    )
+    parser.add_argument("--parts", default=",".join(PARTS), help="which engines to run, comma-separated")
+    parser.add_argument("--report", nargs="+", type=Path, default=None, help="print the table of earlier runs' JSON")
     args = parser.parse_args()
+
+    if args.report:  # parts measured by separate runs (on one card, one session), in one table
+        results: dict = {}
+        for path in args.report:
+            payload = json.loads(path.read_text())
+            results.update(payload.get("results", payload))
+        report(results, args.requests, args.tokens, card=payload.get("card", "?"))
+        return
 
     if args.part is not None:  # one engine, in this process (CUDA untouched before vLLM forks)
         if args.part == "ndif":
@@ -241,21 +261,33 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    run_all(args.out, args.layers, args.requests, args.tokens)
+    parts = [part for part in args.parts.split(",") if part]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {PARTS}")
+    run_all(args.out, args.layers, args.requests, args.tokens, parts)
 
 
-def run_all(out: Path | None, layers: int | None = None, requests: int = 256, tokens: int = 128) -> dict:
+def run_all(
+    out: Path | None,
+    layers: int | None = None,
+    requests: int = 256,
+    tokens: int = 128,
+    parts: list[str] | None = None,
+) -> dict:
     """Every engine in its own process; prints the table and returns the results."""
     if not _cuda_in_subprocess():
         print("vllm benchmark: skipped (no CUDA device here; run it on a GPU machine, see docs/vllm.md)")
         return {"skipped": "no CUDA device"}
     folder = write_config(Path(tempfile.mkdtemp(prefix="ndif-llama8b-")), layers)
     results: dict = {}
-    for part in PARTS:
+    card = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"], capture_output=True, text=True
+    ).stdout.strip()
+    payload = {"card": card, "date": time.strftime("%Y-%m-%d"), "results": results}
+    for part in parts or PARTS:
         command = [sys.executable, "-m", "tests.bench.vllm", "--part", part, "--model", str(folder)]
         command += ["--requests", str(requests), "--tokens", str(tokens)]
-        if part == "ndif" and out is not None:
-            command += ["--profile", str(out / "profile-ndif-save.txt")]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if out is not None:
@@ -265,11 +297,13 @@ def run_all(out: Path | None, layers: int | None = None, requests: int = 256, to
             continue
         results.update(json.loads(lines[-1][len("RESULT ") :]))
         if out is not None:  # after every part: a run cut short keeps what it measured
-            (out / "bench-vllm.json").write_text(json.dumps(results, indent=2))
+            (out / "bench-vllm.json").write_text(json.dumps(payload, indent=2))
+    report(results, requests, tokens, card)
+    return payload
 
-    card = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"], capture_output=True, text=True
-    ).stdout.strip()
+
+def report(results: dict, requests: int, tokens: int, card: str) -> None:
+    """Print tokens/s per case, its ratios to plain vLLM (compiled and eager) and the goals."""
     print(
         f"\nvLLM backend, {card}, Llama-3.1-8B config (dummy weights), {requests} requests, "
         f"{tokens} tokens in and out\n"
@@ -296,10 +330,6 @@ def run_all(out: Path | None, layers: int | None = None, requests: int = 256, to
                 met = row["tok_s"] / base >= goal[1]
                 verdict = f">= {goal[1]:.2f} x {goal[0]}: {'met' if met else 'NOT met'}"
         print(f"{name:<22}{row['tok_s']:>10.0f}{ratio_plain:>9.3f}{ratio_eager:>9.3f}   {verdict}")
-    payload = {"card": card, "date": time.strftime("%Y-%m-%d"), "results": results}
-    if out is not None:
-        (out / "bench-vllm.json").write_text(json.dumps(payload, indent=2))
-    return payload
 
 
 if __name__ == "__main__":

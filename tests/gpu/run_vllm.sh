@@ -2,8 +2,12 @@
 # The vLLM backend's GPU suite and benchmark in one go, logs under OUT_DIR.
 #
 # On a GPU machine, from the repository root, with vLLM importable (the bundle of
-# ../shared/gpu: `source .gpu/install.sh`):   tests/gpu/run_vllm.sh OUT_DIR [--quick]
+# ../shared/gpu: `source .gpu/install.sh`):
+#   tests/gpu/run_vllm.sh OUT_DIR [--quick | --tests-only | --bench-only]
 # Wheels in .gpu/wheels (ndif's own dependencies the machine lacks) are installed first.
+# The device tool allows 10 minutes a command: run --tests-only and --bench-only apart there
+# (NDIF_BENCH_PARTS=plain,plain-eager then =ndif splits the benchmark further; `python -m
+# tests.bench.vllm --report A.json B.json` joins the parts' tables).
 set -u
 out="${1:?usage: tests/gpu/run_vllm.sh OUT_DIR [--quick]}"
 quick="${2:-}"
@@ -19,11 +23,15 @@ python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch._
   > "$out/versions.txt" 2>&1
 
 if [ "$quick" != "--bench-only" ]; then
-started=$(date +%s)
-NDIF_GPU_OUT="$out" timeout 900 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu/test_vllm_backend.py tests/gpu/test_vllm_chat.py tests/gpu/test_vllm_tp.py \
-  > "$out/gpu-tests.log" 2>&1
-echo "gpu tests: rc=$? in $(( $(date +%s) - started )) s"
-tail -5 "$out/gpu-tests.log"
+# One pytest process per file: each holds its own engines, as a worker process does.
+for file in tests/gpu/test_vllm_backend.py tests/gpu/test_vllm_chat.py tests/gpu/test_vllm_tp.py; do
+  started=$(date +%s)
+  name=$(basename "$file" .py)
+  NDIF_GPU_OUT="$out" timeout "${NDIF_TESTS_TIMEOUT:-900}" python3 -m pytest -v -s --durations=10 -p no:cacheprovider \
+    -o addopts="" "$file" > "$out/$name.log" 2>&1
+  echo "$name: rc=$? in $(( $(date +%s) - started )) s"
+  grep -E "^(PASSED|FAILED|ERROR)|(PASSED|FAILED|ERROR)( |$)|^=+ .*(passed|failed|error)" "$out/$name.log" | tail -15
+done
 fi
 [ "$quick" = "--tests-only" ] && exit 0
 
@@ -31,7 +39,7 @@ started=$(date +%s)
 if [ "$quick" = "--quick" ]; then
   timeout 900 python3 -m tests.bench.vllm --out "$out" --layers 8 --requests 128 --tokens 64 > "$out/bench.txt" 2>&1
 else
-  timeout 1200 python3 -m tests.bench.vllm --out "$out" > "$out/bench.txt" 2>&1
+  timeout "${NDIF_BENCH_TIMEOUT:-1200}" python3 -m tests.bench.vllm --out "$out" --parts "${NDIF_BENCH_PARTS:-plain,plain-eager,ndif,plain-inproc}" > "$out/bench.txt" 2>&1
 fi
 echo "benchmark: rc=$? in $(( $(date +%s) - started )) s"
 tail -12 "$out/bench.txt"

@@ -3,8 +3,10 @@
 The same seeded checkpoint runs at TP=1 and TP=2, each engine in its own process (an
 in-process engine keeps its memory): a trace reads every kind of split site (the fused
 q/k/v and gate/up projections, the attention op's inputs and output, the row-parallel
-inputs, the activation) and steers one layer; the whole values and the tokens must agree
-within bf16 tolerance. Run by ``tests/gpu/run_vllm.sh`` on a two-GPU machine.
+inputs, the activation) and steers one layer. In float32 the whole values agree to 1e-3
+(only the order of the all-reduce's sums differs); in bf16 the tokens agree and TP=2 is
+no further from float32's values than TP=1 is (bf16's own error, here up to ~3%, is the
+tolerance). Run by ``tests/gpu/run_vllm.sh`` on a two-GPU machine.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import ndif  # noqa: E402
 
 SCRIPT = r"""
 import json, sys, torch, ndif
-path, size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-model = ndif.VLLM(path, tensor_parallel_size=size, gpu_memory_utilization=0.3, max_model_len=256, dtype="bfloat16")
+path, size, out, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+model = ndif.VLLM(path, tensor_parallel_size=size, gpu_memory_utilization=0.2, max_model_len=256, dtype=dtype)
 prompt = list(range(5, 40))
 steer = torch.full((256,), 0.25, dtype=torch.bfloat16)
 with model.generate(prompt, max_tokens=4, temperature=0.0) as tracer:
@@ -53,25 +55,42 @@ def checkpoint(tmp_path_factory):
     return ndif.make_tiny(tmp_path_factory.mktemp("tiny-llama-tp"), layers=4, hidden=256, vocab_size=512)
 
 
-def run(checkpoint, size, tmp_path):
-    out = tmp_path / f"tp{size}.pt"
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert "DONE" in done.stdout, done.stdout[-2000:] + done.stderr[-6000:]
-    return torch.load(out)
+def run_both(checkpoint, dtype, tmp_path):
+    """TP=1's and TP=2's saved values and tokens, one engine after the other (engines that
+    start together on one GPU upset each other's memory profiling)."""
+    results = []
+    for size in (1, 2):
+        out = tmp_path / f"tp{size}-{dtype}.pt"
+        done = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out), dtype],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert "DONE" in done.stdout, f"TP={size} {dtype}: " + done.stdout[-2000:] + done.stderr[-6000:]
+        results.append(torch.load(out))
+    return results
+
+
+def relative_errors(values, reference):
+    errors = []
+    for a, b in zip(values, reference):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        errors.append(((a - b).norm() / b.norm().clamp_min(1e-6)).item())
+    return errors
 
 
 def test_tp2_sees_and_edits_the_same_whole_values_as_tp1(checkpoint, tmp_path):
-    one, two = run(checkpoint, 1, tmp_path), run(checkpoint, 2, tmp_path)
+    one, two = run_both(checkpoint, "float32", tmp_path)
     assert two["tokens"] == one["tokens"]
-    assert len(two["seen"]) == len(one["seen"])
-    errors = []
-    for a, b in zip(one["seen"], two["seen"]):
-        assert a.shape == b.shape, (a.shape, b.shape)
-        errors.append(((a - b).norm() / b.norm().clamp_min(1e-6)).item())
-    print(json.dumps({"relative_errors": errors}))
-    assert max(errors) < 2e-2, errors
+    assert len(two["seen"]) == len(one["seen"]) == 32
+    exact = relative_errors(two["seen"], one["seen"])
+    print(json.dumps({"float32_relative_errors": exact}))
+    assert max(exact) < 1e-3, exact
+
+    one_bf16, two_bf16 = run_both(checkpoint, "bfloat16", tmp_path)
+    assert two_bf16["tokens"] == one_bf16["tokens"]
+    bf16_tp1 = relative_errors(one_bf16["seen"], one["seen"])  # bf16's own error
+    bf16_tp2 = relative_errors(two_bf16["seen"], one["seen"])
+    print(json.dumps({"bf16_tp1_vs_float32": bf16_tp1, "bf16_tp2_vs_float32": bf16_tp2}))
+    assert max(bf16_tp2) <= 2 * max(bf16_tp1), (bf16_tp1, bf16_tp2)

@@ -347,3 +347,14 @@ def test_the_logit_lens_at_the_last_layer_on_vllm_predicts_the_sampled_token():
     for step in made.steps:  # greedy: the lens at the last layer is the model's own prediction
         assert int(step.observations["logit_lens"][0, 0, 0]) == step.token
     assert model.step_counts["taps"] == 4  # its norm and unembedding calls ran inside blocks, on taps
+
+
+def test_probes_and_saes_follow_the_activations_device():
+    """Artifacts load on the CPU; a model's activations are on its GPU: a probe or SAE moves
+    to the activations' device on first use (``meta`` stands in for a GPU here)."""
+    probe = interp.LinearProbe(torch.randn(8))
+    assert probe(torch.randn(3, 8, device="meta")).device.type == "meta"
+    assert probe.weight.device.type == "meta"
+    sae = interp.SAE(torch.randn(8, 16), torch.randn(16), torch.randn(16, 8), torch.randn(8))
+    edited, features = sae.edit(torch.randn(3, 8, device="meta"), clamp={1: 2.0})
+    assert edited.device.type == features.device.type == sae.W_dec.device.type == "meta"

@@ -132,6 +132,35 @@ def test_taps_run_inside_compiled_code_and_their_edits_reach_the_output(backend)
         assert SPLITS[-1] == 4  # four pieces of one tap each ran between the compiled pieces
 
 
+def test_a_second_engine_compiles_with_modules_shared_with_an_instrumented_one():
+    """vLLM caches rotary embeddings across engines (``get_rope``): a second engine in the
+    process compiles a module that the first engine's ndif wrapper already instrumented.
+    Dynamo must trace it as the plain module (it cannot trace the controller's context
+    variable), and the first engine's traces still see it."""
+    torch.manual_seed(0)
+    first = ToyForCausalLM().double().eval()
+    wrapped = ndif.NNsight(first)
+    second = ToyForCausalLM().double().eval()
+    second.load_state_dict(first.state_dict())
+    shared = first.model.layers[0].mlp
+    second.model.layers[0].mlp = shared  # as one cached module in both models
+    assert "forward" in shared.__dict__  # instrumented by the first wrapper
+    ids, positions = torch.tensor([1, 2, 3]), torch.arange(3)
+    with torch.inference_mode():
+        eager = second(ids, positions)
+        torch._dynamo.reset()
+        compiled = torch.compile(second.forward, backend="eager", fullgraph=True)(ids, positions)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    hooked = []
+    handle = shared.register_forward_hook(lambda module, args, output: hooked.append(output.clone()))
+    try:
+        with wrapped.trace(ids, positions):
+            seen = wrapped.model.layers[0].mlp.output.save()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen, hooked[-1], rtol=0, atol=0)  # the first wrapper still serves it
+
+
 def test_splitting_ops_are_asked_for_only_where_they_apply():
     assert taps.with_taps({"enforce_eager": True}) == {"enforce_eager": True}
     own = {"compilation_config": {"splitting_ops": []}}
