@@ -39,7 +39,6 @@ _handlers: dict[int, Callable[[list[torch.Tensor], int], None]] = {}
 _numbers = itertools.count()
 
 
-@torch.library.custom_op(TAP_OP, mutates_args=("values",))
 def tap(values: list[torch.Tensor], index: int, kind: int) -> None:
     """Serve a tapped site's output (``values``) to ndif; edits are made in place."""
     handler = _handlers.get(index)
@@ -47,9 +46,17 @@ def tap(values: list[torch.Tensor], index: int, kind: int) -> None:
         handler(values, kind)
 
 
-@tap.register_fake
 def _tap_fake(values: list[torch.Tensor], index: int, kind: int) -> None:
     return None
+
+
+# Defined on a plain ``torch.library.Library`` rather than by ``torch.library.custom_op``:
+# the same schema, but the call costs ~3 µs instead of ~22 µs (its wrapper's checks), and a
+# step on taps calls it once per decoder layer.
+_LIBRARY = torch.library.Library("ndif", "DEF")
+_LIBRARY.define("tap(Tensor(a!)[] values, int index, int kind) -> ()")
+_LIBRARY.impl("tap", tap, "CompositeExplicitAutograd")
+torch.library.register_fake(TAP_OP, _tap_fake, lib=_LIBRARY)
 
 
 def _tapped_class(cls: type) -> type:
