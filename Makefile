@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install browser test demo bench lint format clean
 
 $(VENV)/.installed: pyproject.toml sdk/pyproject.toml scheduler/pyproject.toml workers/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ $(VENV)/.installed: pyproject.toml sdk/pyproject.toml scheduler/pyproject.toml w
 
 install: $(VENV)/.installed
 
-test: install
+# Debian's Chromium for the playground's browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium"; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+
+test: install browser
 	$(PY) -m pytest
 
 demo: install

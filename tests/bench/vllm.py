@@ -7,6 +7,8 @@ engine's memory), one after the other:
 
 * ``plain``: vLLM as shipped (torch.compile + CUDA graphs), ``LLM.generate``;
 * ``plain-eager``: vLLM with ``enforce_eager=True``;
+* ``plain-piecewise``: vLLM with PIECEWISE CUDA graphs only (``cudagraph_mode``), the
+  graphs a step on ndif's taps runs: the ceiling for the taps cases;
 * ``plain-inproc``: vLLM as shipped with the engine core in the calling process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as ``ndif.VLLM`` runs it;
 * ``ndif``: one ``ndif.VLLM`` engine, 256 concurrent traces (threads) per case: no
@@ -76,7 +78,7 @@ ENGINE = {
 
 #: One process each: plain vLLM as shipped, eager, ndif, and plain vLLM with the engine core
 #: in-process (as ndif runs it; a diagnostic, last so that a run cut short has the rest).
-PARTS = ["plain", "plain-eager", "ndif", "plain-inproc"]
+PARTS = ["plain", "plain-eager", "ndif", "plain-piecewise", "plain-inproc"]
 
 
 def write_config(folder: Path, layers: int | None) -> Path:
@@ -95,12 +97,14 @@ def prompts(count: int, length: int) -> list[list[int]]:
     return [[generator.randrange(1000, 120000) for _ in range(length)] for _ in range(count)]
 
 
-def run_plain(path: str, args: argparse.Namespace, eager: bool, inproc: bool = False) -> dict:
+def run_plain(path: str, args: argparse.Namespace, eager: bool, inproc: bool = False, piecewise: bool = False) -> dict:
     if inproc:  # the engine core in this process, as ndif.VLLM runs it
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    extra = {"distributed_executor_backend": "uni"} if inproc else {}
+    extra: dict = {"distributed_executor_backend": "uni"} if inproc else {}
+    if piecewise:
+        extra["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     llm = LLM(path, enforce_eager=eager, **ENGINE, **extra)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.tokens)]
@@ -109,7 +113,7 @@ def run_plain(path: str, args: argparse.Namespace, eager: bool, inproc: bool = F
     outputs = llm.generate(batch, params, use_tqdm=False)
     seconds = time.perf_counter() - started
     tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
-    name = ("plain-eager" if eager else "plain") + ("-inproc" if inproc else "")
+    name = ("plain-eager" if eager else "plain") + ("-inproc" if inproc else "") + ("-piecewise" if piecewise else "")
     return {name: {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}}
 
 
@@ -257,7 +261,13 @@ def main() -> None:
         if args.part == "ndif":
             result = run_ndif(args.model, args)
         else:
-            result = run_plain(args.model, args, eager="eager" in args.part, inproc="inproc" in args.part)
+            result = run_plain(
+                args.model,
+                args,
+                eager="eager" in args.part,
+                inproc="inproc" in args.part,
+                piecewise="piecewise" in args.part,
+            )
         print("RESULT " + json.dumps(result), flush=True)
         return
 

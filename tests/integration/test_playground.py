@@ -19,7 +19,7 @@ SHOTS = os.environ.get("NDIF_SCREENSHOTS")
 @pytest.fixture
 def page(production_stack):
     if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is needed for the browser test: apt-get install chromium (.ci/run does)")
+        pytest.fail("Chromium is needed for the browser test: `make browser` (which `make test` runs) installs Debian's chromium")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
