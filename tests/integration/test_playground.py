@@ -19,7 +19,9 @@ SHOTS = os.environ.get("NDIF_SCREENSHOTS")
 @pytest.fixture
 def page(production_stack):
     if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is needed for the browser test: `make browser` (which `make test` runs) installs Debian's chromium")
+        pytest.fail(
+            "Chromium is needed for the browser test: `make browser` (which `make test` runs) installs Debian's chromium"
+        )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
