@@ -29,11 +29,13 @@ This is a benchmark, not a test: nothing asserts on timings. It does check once,
 before timing, that ndif and nnsight save equal values (both wrap identical
 weights), so the two are known to do equal work.
 
-    python -m tests.bench.run [tracing] [service] [chat] [vllm] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
+    python -m tests.bench.run [tracing] [service] [chat] [serving] [vllm] [--json PATH] [--clock wall|cpu] [--budget S] [--quick] [--profile]
 
 With no section named, every section runs: ``tracing`` (the tracing tables, the engine
 and the wire format, against nnsight), ``service``, ``chat`` (`tests.bench.chat`: the chat
-API's tokens/s per user and overall, against the same replies in process), and ``vllm``
+API's tokens/s per user and overall, against the same replies in process), ``serving``
+(`tests.bench.serving`: ndif's serving overhead on the CPU stand-in of vLLM, against that
+engine alone), and ``vllm``
 (`tests.bench.vllm`: ndif.VLLM against plain vLLM; it needs a GPU and says it skipped
 without one).
 """
@@ -64,6 +66,7 @@ from . import cases as bench_cases  # noqa: E402
 from . import chat as bench_chat  # noqa: E402
 from . import engine as bench_engine  # noqa: E402
 from . import service as bench_service  # noqa: E402
+from . import serving as bench_serving  # noqa: E402
 from . import vllm as bench_vllm  # noqa: E402
 from . import wire as bench_wire  # noqa: E402
 from .cases import Case, Inputs  # noqa: E402
@@ -72,7 +75,7 @@ from .timing import Timing, measure, paired_difference, paired_ratio  # noqa: E4
 #: (batch, tokens) of the input sizes measured.
 SIZES = ((1, 16), (8, 64))
 #: The sections ``python -m tests.bench.run SECTION...`` may name (none named: all of them).
-SECTIONS = ("tracing", "service", "chat", "vllm")
+SECTIONS = ("tracing", "service", "chat", "serving", "vllm")
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -509,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["vllm"] = bench_vllm.run_all(args.json.parent if args.json is not None else None)
             elif section == "chat":  # the chat API's tokens/s per user and overall (tests/bench/chat.py)
                 report["chat"] = bench_chat.run(args)
+            elif section == "serving":  # ndif's serving overhead on the CPU stand-in engine (tests/bench/serving.py)
+                report["serving"] = bench_serving.run()
             elif section == "service":
                 report["service"] = bench_service.run(args)
                 print(f"(service section: {time.perf_counter() - section_began:.0f} s)")

@@ -173,6 +173,8 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
 
         threads = [threading.Thread(target=target, args=(n, job, p)) for n, (job, p) in enumerate(jobs)]
         before = dict(model.step_counts)
+        modes = dict(model._hooks.modes)
+        engine_steps = model._loop.steps
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -188,6 +190,13 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             "eager_steps": after["eager"] - before["eager"],
             "graph_steps": after["graph"] - before["graph"],
             "tap_steps": after["taps"] - before["taps"],
+            # The engine's own steps (plain vLLM takes 132 here), and how long after the
+            # threads started the last job was admitted: jobs trickling in cost steps.
+            "engine_steps": model._loop.steps - engine_steps,
+            "admitted_after_s": model._loop.last_admission - started,
+            # How vLLM ran each forward (FULL / PIECEWISE graphs, NONE): a step on taps should
+            # be PIECEWISE (NONE where no piecewise graph was captured for its size).
+            "modes": {mode: count - modes.get(mode, 0) for mode, count in model._hooks.modes.items()},
         }
         print(name, results[name], flush=True)
 

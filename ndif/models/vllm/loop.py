@@ -87,6 +87,8 @@ class EngineLoop:
         self.by_request: dict[str, Submission] = {}  # by the engine's request id
         self.external: dict[str, str] = {}  # the id ndif chose -> the engine's id
         self.failure: BaseException | None = None
+        self.steps = 0  # engine steps taken (benchmarks read it, with `last_admission`)
+        self.last_admission = 0.0  # time.perf_counter() of the last job admitted
         self.thread = threading.Thread(target=self._main, name="ndif-vllm-engine", daemon=True)
         self.thread.start()
 
@@ -124,6 +126,7 @@ class EngineLoop:
                 self._drain(block=not busy)
                 if engine.has_unfinished_requests():
                     self._collect(engine.step())
+                    self.steps += 1
                 if self.run is not None:
                     for job in self.run.take_finished():
                         self._end(job)
@@ -190,6 +193,7 @@ class EngineLoop:
             submission.future.set_exception(error)
             return
         self.active[submission.key] = submission
+        self.last_admission = time.perf_counter()
         job = ServingJob(
             submission.key,
             dict(zip(submission.ids, submission.blocks)),
