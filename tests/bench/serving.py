@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from fake_vllm import FakeEngine, FakeRunner, FakeVLLM, ToyForCausalLM  # noqa: E402
 
+from .jobs import cases, trace_jobs  # noqa: E402
+
 LAYERS = 32
 
 
@@ -57,37 +59,11 @@ def engine_alone(batch: list[list[int]], tokens: int) -> tuple[int, int]:
 
 
 def ndif_jobs(model: FakeVLLM, tokens: int) -> dict[str, Any]:
+    """This benchmark's cases (`tests.bench.jobs`): which job the ``n``-th request runs."""
     layer = model.model.layers[LAYERS // 2]
     steer = torch.full((16,), 0.01, dtype=torch.float64)
-
-    def plain(prompt: list[int]) -> int:
-        with model.generate(prompt, max_tokens=tokens, ignore_eos=True, temperature=0) as tracer:
-            out = tracer.result.save()
-        return len(out)
-
-    def steering(prompt: list[int]) -> int:
-        with model.generate(prompt, max_tokens=tokens, ignore_eos=True, temperature=0) as tracer:
-            for _ in tracer.iter[:tokens]:
-                layer.output[0][:] += steer
-            out = tracer.result.save()
-        return len(out)
-
-    def steering_eagerly(prompt: list[int]) -> int:
-        # Names an MLP (never read): such a job cannot run on taps, so its steps run eagerly.
-        with model.generate(prompt, max_tokens=tokens, ignore_eos=True, temperature=0) as tracer:
-            for _ in tracer.iter[:tokens]:
-                layer.output[0][:] += steer
-                if tokens < 0:
-                    layer.mlp.output.save()
-            out = tracer.result.save()
-        return len(out)
-
-    return {
-        "ndif-none": lambda number: plain,
-        "ndif-steer-10%": lambda number: steering if number % 10 == 0 else plain,
-        "ndif-steer": lambda number: steering,
-        "ndif-steer-eager": lambda number: steering_eagerly,
-    }
+    everything = cases(trace_jobs(model, layer, steer, tokens))
+    return {name: everything[name] for name in ("ndif-none", "ndif-steer-10%", "ndif-steer", "ndif-steer-eager")}
 
 
 def run(args: Any = None) -> dict[str, Any]:

@@ -127,37 +127,6 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
     steer = torch.full((LLAMA_31_8B["hidden_size"],), 0.01, dtype=torch.bfloat16, device="cuda")
     steps = args.tokens
 
-    def plain(prompt):
-        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
-            out = tracer.result.save()
-        return len(out)
-
-    def saving(prompt):
-        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
-            hidden = ndif.save([])
-            for _ in tracer.iter[:steps]:
-                hidden.append(layer.output[0])
-            out = tracer.result.save()
-        return len(out)
-
-    def steering(prompt):
-        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
-            for _ in tracer.iter[:steps]:
-                layer.output[0][:] += steer
-            out = tracer.result.save()
-        return len(out)
-
-    def steering_eagerly(prompt):
-        # The same steering, by code that also reaches a module without a tap (it never
-        # reads it): ndif cannot serve such a job on the graphs' taps, so its steps run eagerly.
-        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
-            for _ in tracer.iter[:steps]:
-                layer.output[0][:] += steer
-                if steps < 0:
-                    layer.mlp.output.save()
-            out = tracer.result.save()
-        return len(out)
-
     batch = prompts(args.requests, args.tokens)
     results = {}
 
@@ -200,16 +169,17 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
         }
         print(name, results[name], flush=True)
 
+    from .jobs import cases as bench_cases
+    from .jobs import trace_jobs
+
+    jobs = trace_jobs(model, layer, steer, steps)
+    choosers = bench_cases(jobs)
     cases = {
-        "ndif-none": lambda: [(plain, p) for p in batch],
-        "ndif-save": lambda: [(saving, p) for p in batch],
-        "ndif-steer": lambda: [(steering, p) for p in batch],
-        "ndif-steer-10%": lambda: [(steering if n % 10 == 0 else plain, p) for n, p in enumerate(batch)],
-        "ndif-steer-eager": lambda: [(steering_eagerly, p) for p in batch],
-        "ndif-steer-10%-eager": lambda: [(steering_eagerly if n % 10 == 0 else plain, p) for n, p in enumerate(batch)],
+        name: (lambda chooser=chooser: [(chooser(n), p) for n, p in enumerate(batch)])
+        for name, chooser in choosers.items()
     }
     chosen = [f"ndif-{name}" for name in args.cases.split(",")] if args.cases else list(cases)
-    timed("warm-up", [(saving, p) for p in batch[:8]])
+    timed("warm-up", [(jobs["saving"], p) for p in batch[:8]])
     for name in chosen:
         if args.profile:  # where the engine thread's time goes, case by case (slower: not timings)
             import cProfile

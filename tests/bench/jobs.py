@@ -1,0 +1,65 @@
+"""The traces the serving benchmarks time, one per thread: `tests.bench.vllm` on a real
+vLLM engine (GPU), `tests.bench.serving` on the CPU stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ndif
+
+#: A job: a prompt in, the number of tokens its trace generated out.
+Job = Callable[[list[int]], int]
+
+
+def trace_jobs(model: Any, layer: Any, steer: Any, steps: int) -> dict[str, Job]:
+    """Traces of ``steps`` tokens on ``model``: ``plain`` only saves ``tracer.result``;
+    ``saving`` appends ``layer``'s output at every step; ``steering`` adds ``steer`` to it
+    in place at every step; ``steering_eagerly`` does the same by code that also names an
+    MLP, which has no tap, so that its steps run eagerly."""
+
+    def plain(prompt: list[int]) -> int:
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            out = tracer.result.save()
+        return len(out)
+
+    def saving(prompt: list[int]) -> int:
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            hidden = ndif.save([])
+            for _ in tracer.iter[:steps]:
+                hidden.append(layer.output[0])
+            out = tracer.result.save()
+        return len(out)
+
+    def steering(prompt: list[int]) -> int:
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            for _ in tracer.iter[:steps]:
+                layer.output[0][:] += steer
+            out = tracer.result.save()
+        return len(out)
+
+    def steering_eagerly(prompt: list[int]) -> int:
+        # The same steering, by code that also reaches a module without a tap (it never
+        # reads it): ndif cannot serve such a job on the graphs' taps, so its steps run eagerly.
+        with model.generate(prompt, max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            for _ in tracer.iter[:steps]:
+                layer.output[0][:] += steer
+                if steps < 0:
+                    layer.mlp.output.save()
+            out = tracer.result.save()
+        return len(out)
+
+    return {"plain": plain, "saving": saving, "steering": steering, "steering_eagerly": steering_eagerly}
+
+
+def cases(jobs: dict[str, Job]) -> dict[str, Callable[[int], Job]]:
+    """The benchmark's cases: for each, which job the ``n``-th request runs."""
+    plain, steering, eagerly = jobs["plain"], jobs["steering"], jobs["steering_eagerly"]
+    return {
+        "ndif-none": lambda n: plain,
+        "ndif-save": lambda n: jobs["saving"],
+        "ndif-steer": lambda n: steering,
+        "ndif-steer-10%": lambda n: steering if n % 10 == 0 else plain,
+        "ndif-steer-eager": lambda n: eagerly,
+        "ndif-steer-10%-eager": lambda n: eagerly if n % 10 == 0 else plain,
+    }
