@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from .loop import freeze_static_heap
 from .rank import RankServer, module_structure, rank_server
 from .runner import Hooks, fast_eager_kernels, install
 from .taps import patch_model_loading
@@ -30,6 +31,7 @@ class NdifWorkerExtension:
         hooks = self._ndif_hooks(eager_kernels)
         rank, size, gather = self._ndif_group()
         self.ndif = rank_server(hooks, source, rank, size, gather)
+        freeze_static_heap()
         return True
 
     def _ndif_hooks(self, eager_kernels: bool) -> Hooks:

@@ -14,7 +14,7 @@ from ...sandbox.limits import CancelToken, JobCancelled, JobLimits, TimeLimitExc
 from ...tracer import InvokeSpec, Trace
 from ...tracing.errors import InvokeError
 from ..base import NNsight
-from .loop import EngineLoop, Submission, WireSubmission
+from .loop import EngineLoop, Submission, WireSubmission, freeze_static_heap
 from .rank import build_skeleton
 from .requests import job_parts
 from .runner import fast_eager_kernels, install
@@ -129,6 +129,7 @@ class VLLM(NNsight):
         run = hooks.start_run(self, shardings=by_site, gather=gather)
         object.__setattr__(self, "_loop", EngineLoop(engine, run))
         object.__setattr__(self, "_ranks", False)
+        freeze_static_heap()
 
     def _connect_ranks(self, engine: Any, source: str, tokenizer: Any, rename: dict | None) -> None:
         """Envoys over the ranks' module tree (a skeleton here) and the engine's loop: traces
@@ -139,6 +140,7 @@ class VLLM(NNsight):
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "_loop", EngineLoop(engine, None))
         object.__setattr__(self, "_ranks", True)
+        freeze_static_heap()
 
     # -- the tracing API -------------------------------------------------------------------
 
