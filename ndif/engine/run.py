@@ -18,6 +18,7 @@ isolate errors per block (``isolate_errors``).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -53,13 +54,16 @@ from .mediator import (
 
 
 class Waiters:
-    """Who is waiting at one module: blocks parked on its input or output, and caches."""
+    """Who is waiting at one module: blocks parked on its input or output, and caches.
+
+    The blocks are ordered sets (dicts of ``None``): in the order they parked, and found
+    or removed at once however many are parked (hundreds, on a serving engine)."""
 
     __slots__ = ("inputs", "outputs", "observers")
 
     def __init__(self) -> None:
-        self.inputs: list[Mediator] = []
-        self.outputs: list[Mediator] = []
+        self.inputs: dict[Mediator, None] = {}
+        self.outputs: dict[Mediator, None] = {}
         self.observers: list = []
 
     def empty(self) -> bool:
@@ -99,7 +103,8 @@ class Run:
         self.sites = sites
         self.max_steps = max_steps
         self.waiting: dict[Site, Waiters] = {}
-        self.results: list[Mediator] = []
+        self.results: dict[Mediator, int] = {}  # blocks waiting for ``tracer.result`` -> their place in line
+        self._in_line = itertools.count()
         self.released: list[Mediator] = []
         self.ran: set[Site] = set()  # modules called this step while a block could still ask
         self.at_barrier = 0  # blocks parked at a barrier (they may ask again mid-forward)
@@ -153,21 +158,17 @@ class Run:
     def _wind_down(self, mediators: list[Mediator], serve: Callable[[Mediator, Request], None], hint: str) -> None:
         """Settle ``mediators``: serve those waiting for ``tracer.result`` with ``serve``, end
         step loops waiting for steps that never came, report barriers never completed."""
-        members = set(mediators)
         while True:
             progressed = False
-            for site in list(self.waiting):
-                waiters = self.waiting.get(site)
-                if waiters is None:
-                    continue
-                for mediator in waiters.inputs + waiters.outputs:
-                    if mediator in members:
-                        progressed = True
-                        self._settle(mediator)
-            waiting = [mediator for mediator in self.results if mediator in members]
+            for mediator in mediators:  # only these blocks: a serving run holds many jobs' blocks
+                if self._parked_at_module(mediator):
+                    progressed = True
+                    self._settle(mediator)
+            waiting = sorted((m for m in mediators if m in self.results), key=self.results.__getitem__)
             if waiting:
                 progressed = True
-                self.results = [mediator for mediator in self.results if mediator not in members]
+                for mediator in waiting:
+                    del self.results[mediator]
                 for mediator in waiting:
                     request, mediator.pending = mediator.pending, None
                     if self.stopped:
@@ -253,7 +254,7 @@ class Run:
             waiters = self.waiting.get(site)
             if waiters is None:
                 continue
-            for mediator in waiters.inputs + waiters.outputs:
+            for mediator in [*waiters.inputs, *waiters.outputs]:
                 if members is not None and mediator not in members:
                     continue
                 request = mediator.pending
@@ -356,8 +357,8 @@ class Run:
             if len(ready) == len(parked):
                 parked.clear()
             else:
-                chosen = set(ready)
-                parked[:] = [m for m in parked if m not in chosen]
+                for mediator in ready:
+                    del parked[mediator]
             if waiters.empty() and waiting.get(site) is waiters:
                 del waiting[site]
             self._serving(slot, ready)
@@ -445,7 +446,7 @@ class Run:
             self.at_barrier += 1
             return
         if event == RESULT:
-            self.results.append(mediator)
+            self.results[mediator] = next(self._in_line)
             return
         if request.step < mediator.step:
             mediator.pending = None
@@ -460,9 +461,17 @@ class Run:
         waiters = self.waiting.get(request.site)
         if waiters is None:
             waiters = self.waiting[request.site] = Waiters()
-        (waiters.inputs if event == INPUT else waiters.outputs).append(mediator)
+        (waiters.inputs if event == INPUT else waiters.outputs)[mediator] = None
         if self.finishing:
             self._settle(mediator)
+
+    def _parked_at_module(self, mediator: Mediator) -> bool:
+        """Whether ``mediator`` is parked on a module's input or output."""
+        request = mediator.pending
+        if request is None or request.event not in (INPUT, OUTPUT):
+            return False
+        waiters = self.waiting.get(request.site)
+        return waiters is not None and mediator in (waiters.inputs if request.event == INPUT else waiters.outputs)
 
     def _unwait(self, mediator: Mediator) -> None:
         request = mediator.pending
@@ -470,8 +479,7 @@ class Run:
         if waiters is None:
             return
         parked = waiters.inputs if request.event == INPUT else waiters.outputs
-        if mediator in parked:
-            parked.remove(mediator)
+        parked.pop(mediator, None)
         if waiters.empty():
             del self.waiting[request.site]
 

@@ -386,8 +386,7 @@ class ServingRun(Run):
                     self.at_barrier -= 1
                 else:
                     self._unwait(mediator)
-            if mediator in self.results:
-                self.results.remove(mediator)
+            self.results.pop(mediator, None)
             self._kill(mediator)
             mediator.run = None
             mediator.here = None
