@@ -22,6 +22,7 @@ Prints output tokens/s and the ratios the issue sets goals for; writes JSON.
 
     python -m tests.bench.vllm [--out DIR] [--layers N] [--requests N] [--tokens N] [--parts plain,ndif]
     python -m tests.bench.vllm --report A/bench-vllm.json B/bench-vllm.json   # parts run apart, one table
+    python -m tests.bench.vllm --parts ndif --cases none,steer-10% --profile DIR   # the engine thread, per case
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {PARTS}")
-    run_all(args.out, args.layers, args.requests, args.tokens, parts)
+    run_all(args.out, args.layers, args.requests, args.tokens, parts, cases=args.cases, profile=args.profile)
 
 
 def run_all(
@@ -263,8 +264,13 @@ def run_all(
     requests: int = 256,
     tokens: int = 128,
     parts: list[str] | None = None,
+    cases: str | None = None,
+    profile: str | None = None,
 ) -> dict:
-    """Every engine in its own process; prints the table and returns the results."""
+    """Every engine in its own process; prints the table and returns the results.
+
+    ``cases`` and ``profile`` go to the ndif part (`run_ndif`): a profiled run's timings
+    are not comparable, so profile in a run of its own."""
     if not _cuda_in_subprocess():
         print("vllm benchmark: skipped (no CUDA device here; run it on a GPU machine, see docs/vllm.md)")
         return {"skipped": "no CUDA device"}
@@ -277,6 +283,9 @@ def run_all(
     for part in parts or PARTS:
         command = [sys.executable, "-m", "tests.bench.vllm", "--part", part, "--model", str(folder)]
         command += ["--requests", str(requests), "--tokens", str(tokens)]
+        if part == "ndif":
+            command += ["--cases", cases] if cases else []
+            command += ["--profile", profile] if profile else []
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if out is not None:
