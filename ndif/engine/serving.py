@@ -547,14 +547,15 @@ class ServingRun(Run):
 
     def _serve(self, slot: Slot) -> None:
         sharding = self.shardings.get(slot.site) if self.shardings else None
+        memo = None
         if sharding is not None:
-            slot.value = sharding.whole(slot.event == INPUT, slot.value, self.gather)
+            slot.value, memo = sharding.whole(slot.event == INPUT, slot.value, self.gather)
         try:
             super()._serve(slot)
         finally:
             slot.value = self.batcher.commit(slot.value)
             if sharding is not None:
-                slot.value = sharding.local(slot.event == INPUT, slot.value)
+                slot.value = sharding.local(slot.event == INPUT, slot.value, memo)
 
     def _serving(self, slot: Slot, ready: list[Mediator]) -> None:
         self.batcher.prepare([mediator.group for mediator in ready])

@@ -353,17 +353,18 @@ class MergedColumnParallelLinear(torch.nn.Module):
 
 
 class RowParallelLinear(torch.nn.Module):
-    def __init__(self, weight, rank, size) -> None:
+    def __init__(self, weight, rank, size, reduce_results: bool = True) -> None:
         super().__init__()
         piece = weight.shape[1] // size
         self.weight = torch.nn.Parameter(weight[:, rank * piece : (rank + 1) * piece].clone())
         self.input_size_per_partition = piece
         self.input_is_parallel = True
-        self.reduce_results = True
+        self.reduce_results = reduce_results  # False: partial sums, reduced by the caller (MoE)
         self.size = size
 
     def forward(self, x: torch.Tensor) -> tuple:
-        return _all_reduce(torch.nn.functional.linear(x, self.weight), self.size), None
+        output = torch.nn.functional.linear(x, self.weight)
+        return (_all_reduce(output, self.size) if self.reduce_results else output), None
 
 
 class Attention(torch.nn.Module):
@@ -409,16 +410,23 @@ class ToyTPAttention(torch.nn.Module):
 
 
 class ToyTPMLP(torch.nn.Module):
-    def __init__(self, full: dict, layer: int, rank: int, size: int) -> None:
+    """vLLM's MLP; with ``shared``, the shared expert of an MoE block: its down projection
+    leaves the all-reduce to the block (``reduce_results=False``), so its output is a partial sum."""
+
+    def __init__(self, full: dict, layer: int, rank: int, size: int, shared: bool = False) -> None:
         super().__init__()
-        prefix = f"layers.{layer}."
+        prefix = f"layers.{layer}." + ("shared." if shared else "")
         self.gate_up_proj = MergedColumnParallelLinear(full[prefix + "wg"], full[prefix + "wu"], rank, size)
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(full[prefix + "wd"], rank, size)
+        self.down_proj = RowParallelLinear(full[prefix + "wd"], rank, size, reduce_results=not shared)
+        self.shared_expert = None if shared else ToyTPMLP(full, layer, rank, size, shared=True)
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
         output, _ = self.down_proj(self.act_fn(gate_up))
+        if self.shared_expert is not None:  # as an MoE block adds its shared expert, then reduces
+            output = output + _all_reduce(self.shared_expert(x), self.size)
         return output
 
 
@@ -472,6 +480,9 @@ class ToyTPForCausalLM(torch.nn.Module):
             full[prefix + "wg"] = weight(config["intermediate"], hidden)
             full[prefix + "wu"] = weight(config["intermediate"], hidden)
             full[prefix + "wd"] = weight(hidden, config["intermediate"])
+            full[prefix + "shared.wg"] = weight(config["intermediate"], hidden)
+            full[prefix + "shared.wu"] = weight(config["intermediate"], hidden)
+            full[prefix + "shared.wd"] = weight(hidden, config["intermediate"])
         self.model = ToyTPModel(full, config, rank, size)
         self.lm_head = torch.nn.Linear(hidden, config["vocab"], bias=False, dtype=torch.float64)
         with torch.no_grad():

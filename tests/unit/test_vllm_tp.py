@@ -1,8 +1,9 @@
 """Tensor parallelism in the vLLM backend: blocks see whole tensors, vLLM gets its shards back.
 
-`Split` is checked against hand-made layouts; then a toy Llama split over two ranks exactly
-as vLLM splits it (fused q/k/v and gate/up projections, shared key/value heads, row-parallel
-all-reduces) runs the same trace in two processes (``torch.distributed``, gloo): every
+`Split` and `Partial` are checked against hand-made layouts; then a toy Llama split over two
+ranks exactly as vLLM splits it (fused q/k/v and gate/up projections, shared key/value heads,
+row-parallel all-reduces, and an MoE-style shared expert whose partial sums its block
+reduces) runs the same trace in two processes (``torch.distributed``, gloo): every
 rank's saves, the edit's effect and the tokens equal those of the unsplit model.
 """
 
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 from fake_vllm import FakeTPVLLM
 
 import ndif
-from ndif.models.vllm.tp import Split
+from ndif.models.vllm.tp import Partial, SiteSharding, Split
 
 
 def gather_from(locals_):
@@ -57,6 +58,19 @@ def test_merged_gate_up_round_trips():
     assert torch.equal(splits[0].whole(locals_[0], gather_from(locals_)), whole)
 
 
+def test_partial_sums_are_seen_summed_and_edits_split_back():
+    parts = [torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.tensor([[10.0, 20.0]], dtype=torch.float64)]
+    sharding = SiteSharding(output=Partial(2))
+    seen = []
+    for rank, part in enumerate(parts):
+        whole, memo = sharding.whole(False, (part, None), gather_from(parts))
+        assert whole[0].tolist() == [[11.0, 22.0]] and whole[1] is None
+        assert torch.equal(sharding.local(False, whole, memo)[0], part)  # unedited: as it was
+        whole[0][:] += torch.tensor([[4.0, -2.0]], dtype=torch.float64)  # an edit in place
+        seen.append(sharding.local(False, whole, memo)[0])
+    assert torch.equal(seen[0] + seen[1], torch.tensor([[15.0, 20.0]], dtype=torch.float64))
+
+
 def tp_trace(model):
     """Reads at every split site of the toy, and an edit to a split value, over three steps."""
     with model.generate([3, 1, 4, 1, 5], max_tokens=3) as tracer:
@@ -73,6 +87,10 @@ def tp_trace(model):
             seen.append(mlp.act_fn.input)
             seen.append(mlp.act_fn.output)
             seen.append(mlp.down_proj.input)
+            shared = mlp.shared_expert  # partial sums on each rank: seen summed, edits split back
+            seen.append(shared.down_proj.output[0])
+            shared.output[:, :2] += 0.5
+            seen.append(shared.output)
             seen.append(model.model.layers[1].output[0])
         tokens = tracer.result.save()
     return [value.clone() for value in seen], tokens

@@ -68,6 +68,26 @@ class Split:
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0].contiguous()
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A tensor each of ``size`` ranks holds a partial sum of: the output of a row-parallel
+    layer built with ``reduce_results=False``, which leaves the all-reduce to a later module
+    (an MoE block adds its experts' and shared expert's partial sums, then reduces once).
+
+    The whole tensor is the ranks' sum (the same on every rank: the sum runs over the
+    gathered pieces in rank order). An edit's change is split evenly over the ranks, so that
+    their partial sums add up to the edited tensor; an unedited tensor comes back as it was.
+    """
+
+    size: int
+
+    def whole(self, local: torch.Tensor, gather: AllGather) -> torch.Tensor:
+        return torch.stack(gather(local.contiguous()).chunk(self.size, dim=-1)).sum(0)
+
+    def local(self, whole: torch.Tensor, before: torch.Tensor, whole_before: torch.Tensor) -> torch.Tensor:
+        return before + (whole - whole_before) / self.size
+
+
 @dataclass
 class SiteSharding:
     """Which of a module's inputs and outputs are split across ranks.
@@ -76,20 +96,28 @@ class SiteSharding:
     linear layers return ``(output, bias)``). ``inputs``: by position in the call.
     """
 
-    output: Split | None = None
+    output: Split | Partial | None = None
     inputs: dict[int, Split] = field(default_factory=dict)
 
-    def whole(self, is_input: bool, value: Any, gather: AllGather) -> Any:
+    def whole(self, is_input: bool, value: Any, gather: AllGather) -> tuple[Any, Any]:
+        """The whole value, and what `local` needs besides the (edited) whole value."""
         if is_input:
             args, kwargs = value
             args = list(args)
             for position, split in self.inputs.items():
                 if position < len(args) and isinstance(args[position], torch.Tensor):
                     args[position] = split.whole(args[position], gather)
-            return tuple(args), kwargs
-        return _first(value, lambda tensor: self.output.whole(tensor, gather)) if self.output else value
+            return (tuple(args), kwargs), None
+        if isinstance(self.output, Partial):
+            before = _first_tensor(value)
+            if before is None:
+                return value, None
+            whole = self.output.whole(before, gather)
+            # A copy: blocks may edit the whole value in place.
+            return _first(value, lambda tensor: whole), (before, whole.clone())
+        return (_first(value, lambda tensor: self.output.whole(tensor, gather)) if self.output else value), None
 
-    def local(self, is_input: bool, value: Any) -> Any:
+    def local(self, is_input: bool, value: Any, memo: Any = None) -> Any:
         if is_input:
             args, kwargs = value
             args = list(args)
@@ -97,7 +125,20 @@ class SiteSharding:
                 if position < len(args) and isinstance(args[position], torch.Tensor):
                     args[position] = split.local(args[position])
             return tuple(args), kwargs
+        if isinstance(self.output, Partial):
+            if memo is None:
+                return value
+            output = self.output
+            return _first(value, lambda tensor: output.local(tensor, *memo))
         return _first(value, self.output.local) if self.output else value
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
 
 
 def _first(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -115,8 +156,8 @@ def _classes(module: torch.nn.Module) -> set[str]:
 def sharding_for(module: torch.nn.Module, rank: int, size: int) -> SiteSharding | None:
     """The sharding of a vLLM module's values, or None when they are whole on every rank.
 
-    Raises for a parallel layer whose values ndif cannot make whole (so that a trace never
-    silently sees a shard).
+    A row-parallel layer built with ``reduce_results=False`` gives partial sums, which
+    blocks see summed (`Partial`).
     """
     if size == 1:
         return None
@@ -137,14 +178,11 @@ def sharding_for(module: torch.nn.Module, rank: int, size: int) -> SiteSharding 
             return None
         return SiteSharding(output=Split.even(module.output_size_per_partition, rank, size))
     if "RowParallelLinear" in names:
-        if not getattr(module, "reduce_results", True):
-            raise NotImplementedError(
-                f"{type(module).__name__} with reduce_results=False returns partial sums under tensor "
-                "parallelism; ndif cannot show it whole"
-            )
+        output = None if getattr(module, "reduce_results", True) else Partial(size)
+        inputs = {}
         if getattr(module, "input_is_parallel", True):
-            return SiteSharding(inputs={0: Split.even(module.input_size_per_partition, rank, size)})
-        return None
+            inputs = {0: Split.even(module.input_size_per_partition, rank, size)}
+        return SiteSharding(output=output, inputs=inputs) if output or inputs else None
     return None
 
 
@@ -180,6 +218,16 @@ def model_shardings(root: torch.nn.Module, rank: int, size: int) -> dict[torch.n
         act_fn = getattr(module, "act_fn", None)
         if gate_up is not None and act_fn is not None and "MergedColumnParallelLinear" in _classes(gate_up):
             found[act_fn] = activation_sharding(gate_up.output_sizes[0], rank, size)
+        down = getattr(module, "down_proj", None)
+        if (
+            module not in found
+            and down is not None
+            and "RowParallelLinear" in _classes(down)
+            and not getattr(down, "reduce_results", True)
+        ):
+            # An MLP ending in a partial-sum projection (an MoE block's shared expert): its
+            # output is the projection's, partial too (scaled by a whole gate at most).
+            found[module] = SiteSharding(output=Partial(size))
         qkv = getattr(module, "qkv_proj", None)
         attn = getattr(module, "attn", None)
         if qkv is not None and attn is not None and "QKVParallelLinear" in _classes(qkv):
