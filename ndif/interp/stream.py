@@ -16,10 +16,9 @@ import torch
 def follow(module: torch.nn.Module, x: torch.Tensor) -> None:
     """Move ``module`` (a probe or SAE, loaded on the CPU) to ``x``'s device, once: the
     activations it reads are on the model's GPU."""
-    for parameter in module.parameters():
-        if parameter.device != x.device:
-            module.to(x.device)
-        return
+    first = next(module.parameters(), None)
+    if first is not None and first.device != x.device:
+        module.to(x.device)
 
 
 def split_residual(model: Any) -> bool:

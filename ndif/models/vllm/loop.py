@@ -33,7 +33,7 @@ def freeze_static_heap() -> None:
     """Mark every object alive now as static for Python's garbage collector, as vLLM does
     after building its engine: ndif's own setup (envoys, hooks, the serving run) comes
     after vLLM's freeze, and without this each full collection during serving walks it
-    again (on the CPU stand-in that was a quarter of a no-intervention run)."""
+    again (on the CPU stand-in, ~30 ms a run of 256 traces before, 1-2 ms after)."""
     gc.collect()
     gc.freeze()
 

@@ -109,12 +109,15 @@ class SiteSharding:
                     args[position] = split.whole(args[position], gather)
             return (tuple(args), kwargs), None
         if isinstance(self.output, Partial):
-            before = _first_tensor(value)
-            if before is None:
-                return value, None
-            whole = self.output.whole(before, gather)
-            # A copy: blocks may edit the whole value in place.
-            return _first(value, lambda tensor: whole), (before, whole.clone())
+            partial, memo = self.output, []
+
+            def summed(tensor: torch.Tensor) -> torch.Tensor:
+                whole = partial.whole(tensor, gather)
+                memo.append((tensor, whole.clone()))  # a copy: blocks may edit the whole in place
+                return whole
+
+            value = _first(value, summed)
+            return value, (memo[0] if memo else None)
         return (_first(value, lambda tensor: self.output.whole(tensor, gather)) if self.output else value), None
 
     def local(self, is_input: bool, value: Any, memo: Any = None) -> Any:
@@ -131,14 +134,6 @@ class SiteSharding:
             output = self.output
             return _first(value, lambda tensor: output.local(tensor, *memo))
         return _first(value, self.output.local) if self.output else value
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 def _first(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
