@@ -206,9 +206,10 @@ def test_plain_steps_stay_on_graphs(engine, prompts, site):
     ran = {mode: count - modes.get(mode, 0) for mode, count in engine._hooks.modes.items()}
     assert after["graph"] - before["graph"] == 7  # steps 1-7 stayed on vLLM's graphs
     assert ran.get("FULL", 0) >= 13, ran  # vLLM's own choice (FULL) for the decode steps without reads
-    if site == "layer":  # steps 0 and 8 on the piecewise graphs, served by the taps between pieces
+    if site == "layer":  # steps 0 and 8 on taps: the prefill on PIECEWISE graphs, the decode
+        # step on its FULL graph's copy broken at the taps (`segments`), served between them
         assert after["taps"] - before["taps"] == 2 and after["eager"] == before["eager"]
-        assert not ran.get("NONE") and ran.get("PIECEWISE", 0) >= 2, ran
+        assert not ran.get("NONE") and ran.get("PIECEWISE", 0) >= 1 and ran.get("FULL-TAPS") == 1, ran
     else:  # an MLP has no tap: steps 0 and 8 ran the model's Python
         assert after["eager"] - before["eager"] == 2 and after["taps"] == before["taps"]
         assert ran.get("NONE") == 2, ran
@@ -219,12 +220,15 @@ def test_plain_steps_stay_on_graphs(engine, prompts, site):
 def test_taps_and_eager_steps_agree_and_mix(engine, prompts):
     steer = torch.full((HIDDEN,), 1.0, dtype=torch.bfloat16, device="cuda")
     for prompt in prompts[:3]:
-        before = dict(engine.step_counts)
+        before, modes = dict(engine.step_counts), dict(engine._hooks.modes)
         on_taps = generate_saving(engine, prompt, steer=steer)
         middle = dict(engine.step_counts)
+        ran = {mode: count - modes.get(mode, 0) for mode, count in engine._hooks.modes.items()}
         eager = generate_saving(engine, prompt, steer=steer, eager=True)
         after = engine.step_counts
         assert middle["taps"] - before["taps"] == 6 and middle["eager"] == before["eager"]
+        # The prefill between PIECEWISE graphs, the five decode steps between FULL graph segments.
+        assert ran.get("PIECEWISE") == 1 and ran.get("FULL-TAPS") == 5, ran
         assert after["eager"] - middle["eager"] == 6 and after["taps"] == middle["taps"]
         # Compiled code (Inductor's fused kernels) and eager kernels round differently in bf16.
         close(on_taps[0], eager[0], tolerance=3 * TOLERANCE)

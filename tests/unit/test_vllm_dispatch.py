@@ -63,26 +63,42 @@ def fake_vllm_modules(monkeypatch):
         "vllm.v1.worker.gpu": types.ModuleType("vllm.v1.worker.gpu"),
         "vllm.v1.worker.gpu.cudagraph_utils": types.SimpleNamespace(BatchExecutionDescriptor=BatchExecutionDescriptor),
         "vllm.v1.worker.gpu.model_runner": types.SimpleNamespace(GPUModelRunner=GPUModelRunner),
+        "vllm.utils": types.ModuleType("vllm.utils"),
+        "vllm.utils.torch_utils": types.SimpleNamespace(weak_ref_tensor=lambda tensor: tensor),
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return context
 
 
+FULL_256 = BatchExecutionDescriptor(CUDAGraphMode.FULL, 256, 256, uniform_token_count=1)
+PIECEWISE_256 = BatchExecutionDescriptor(CUDAGraphMode.PIECEWISE, 256, None)
+
+
 class Manager:
     """The V2 runner's cudagraph manager as FULL_AND_PIECEWISE sets it up for one size: a
-    FULL graph for uniform decode batches first, then the PIECEWISE graph."""
+    FULL graph for uniform decode batches first, then the PIECEWISE graph. ``captured``: the
+    FULL graph was captured (vLLM's `graphs`, replayed by `run_fullgraph`), and can be again."""
 
-    def __init__(self):
-        full = BatchExecutionDescriptor(CUDAGraphMode.FULL, 256, 256, uniform_token_count=1)
-        piecewise = BatchExecutionDescriptor(CUDAGraphMode.PIECEWISE, 256, None)
-        self._candidates = {(n, 0): [full, piecewise] for n in range(200, 257)}
+    def __init__(self, captured: bool = False):
+        self._candidates = {(n, 0): [FULL_256, PIECEWISE_256] for n in range(200, 257)}
+        self._capture_descs = {CUDAGraphMode.PIECEWISE: [PIECEWISE_256]}
+        self.graphs = {}
+        self.pool = "the pool"
+        if captured:
+            self._capture_descs[CUDAGraphMode.FULL] = [FULL_256]
+            self.graphs[FULL_256] = Graph("vllm")
 
     def dispatch(self, num_reqs, num_tokens, uniform, num_active_loras=0):
         for desc in self._candidates.get((num_tokens, num_active_loras), ()):
             if desc.uniform_token_count in (None, uniform) and (desc.num_reqs or num_reqs) >= num_reqs:
                 return desc
         return BatchExecutionDescriptor(CUDAGraphMode.NONE, num_tokens, num_reqs)
+
+    def run_fullgraph(self, desc):
+        assert desc in self.graphs, desc
+        self.graphs[desc].replay()
+        return desc
 
 
 def test_each_step_mode_gets_its_graphs(fake_vllm_modules):
@@ -111,6 +127,83 @@ def test_each_step_mode_gets_its_graphs(fake_vllm_modules):
     hooks.eager = False
     runner.model(*_inputs())
     assert fake_vllm_modules.skip_compiled is False
+
+
+class Graph:
+    """A CUDA graph stand-in: what was done to it goes to `LOG`."""
+
+    LOG: list = []
+
+    def __init__(self, name="segment"):
+        self.name = name
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        Graph.LOG.append(("begin", pool))
+
+    def capture_end(self):
+        Graph.LOG.append(("end",))
+
+    def replay(self):
+        Graph.LOG.append(("replay", self.name))
+
+
+class CapturingRunner(FakeRunner):
+    """`FakeRunner` with ``capture_model`` as vLLM's: a forward of each FULL size inside
+    ``torch.cuda.graph(graph, pool)``, the graph kept in the manager's ``graphs``."""
+
+    def capture_model(self):
+        import torch
+
+        manager = self.cudagraph_manager
+        for desc in manager._capture_descs.get(CUDAGraphMode.FULL, []):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, manager.pool):
+                self.model(torch.arange(desc.num_tokens) % 50, torch.arange(desc.num_tokens))
+            manager.graphs[desc] = graph
+
+
+def test_decode_steps_on_taps_replay_full_graphs_broken_at_the_taps(fake_vllm_modules, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    model = ToyForCausalLM()
+    points = taps.add_taps(model)  # three layers and the norm
+    runner = CapturingRunner(model)
+    runner.cudagraph_manager = manager = Manager(captured=True)
+    runner.req_states = {}
+    real_graph = torch.cuda.graph
+    Graph.LOG.clear()
+    served = []
+    for module in points:
+        taps.connect(module, lambda module, values, kind: served.append((module, values[0].shape[0], kind)))
+
+    hooks = install(runner)  # captures the FULL size again, cut at the taps
+
+    assert served == []  # taps met while capturing end segments; they serve no one
+    assert Graph.LOG == [("begin", "the pool"), ("end",)] * 5  # one segment per layer, and the norm's
+    assert set(hooks.segments) == {FULL_256} and hooks.segments[FULL_256].taps == 4
+    assert manager.graphs == {FULL_256: manager.graphs[FULL_256]} and manager.graphs[FULL_256].name == "vllm"
+    assert set(manager._capture_descs) == {CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL}  # as vLLM left them
+    assert torch.cuda.graph is real_graph
+    taps.tap([torch.zeros(2)], points[0].ndif_tap, taps.TENSOR)
+    assert len(served) == 1  # after the capture, taps reach their handlers again
+    served.clear()
+
+    hooks.mode, hooks.eager = StepMode.TAPS, False
+    assert manager.dispatch(240, 240, 1) is FULL_256  # a decode step on taps keeps its FULL size
+    Graph.LOG.clear()
+    manager.run_fullgraph(FULL_256)
+    assert Graph.LOG == [("replay", "segment")] * 5  # the segments, with the taps served between them
+    assert [(module, kind) for module, _, kind in served] == [(p, taps.TUPLE) for p in points[:3]] + [
+        (points[3], taps.TENSOR)
+    ]
+    assert {rows for _, rows, _ in served} == {256}  # on the tensors the capture saw
+
+    hooks.mode = StepMode.GRAPHS
+    Graph.LOG.clear()
+    manager.run_fullgraph(FULL_256)
+    assert Graph.LOG == [("replay", "vllm")]  # a step without blocks waiting replays vLLM's own graph
+    assert hooks.modes == {"FULL-TAPS": 1}
 
 
 def _inputs():

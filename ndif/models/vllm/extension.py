@@ -35,7 +35,10 @@ class NdifWorkerExtension:
         return True
 
     def _ndif_hooks(self, eager_kernels: bool) -> Hooks:
-        hooks = install(self.model_runner)
+        # Segmented FULL graphs are not yet verified under tensor parallelism (their capture
+        # re-enters vLLM's, collectives and custom all-reduce included): steps on taps use
+        # the PIECEWISE graphs there.
+        hooks = install(self.model_runner, segmented=False)
         if eager_kernels:
             fast_eager_kernels(self.model_runner.model)
         return hooks

@@ -7,8 +7,9 @@ and run each step as its `StepMode` says:
 
 * GRAPHS (no scheduled block waits for a value of the forward): vLLM's own choice stands
   (FULL or PIECEWISE graphs, compiled code);
-* TAPS (blocks wait only for tapped sites, see `taps`): a FULL graph is swapped for the
-  PIECEWISE one of the same size, whose taps run between its pieces and serve the blocks;
+* TAPS (blocks wait only for tapped sites, see `taps`): a FULL graph is swapped for its
+  copy broken at the taps (`segments`), or where there is none for the PIECEWISE graph of
+  the same size; the taps run between the pieces and serve the blocks;
 * EAGER: the cudagraph dispatcher is told to return ``NONE`` and the forward context's
   ``skip_compiled`` is set, so the model's Python runs module by module and every
   instrumented module reaches the run.
@@ -26,7 +27,7 @@ import torch
 from ...engine.context import ACTIVE_RUN, CURRENT_MEDIATOR
 from ...engine.instrument import site_of
 from ...engine.serving import Scheduled, ServingRun, StepMode
-from . import taps
+from . import segments, taps
 
 
 class Passthrough(torch.nn.Module):
@@ -66,7 +67,8 @@ class Hooks:
         self.eager_steps = 0
         self.graph_steps = 0
         self.tap_steps = 0
-        self.modes: dict[str, int] = {}  # how vLLM ran each dispatched forward: NONE, PIECEWISE, FULL
+        self.modes: dict[str, int] = {}  # how each dispatched forward ran: NONE, PIECEWISE, FULL, FULL-TAPS
+        self.segments: dict[Any, Any] = {}  # FULL graphs broken at the taps (`segments`), by descriptor
 
     # -- one step ----------------------------------------------------------------------
 
@@ -291,8 +293,11 @@ def attach(runner: Any) -> Hooks:
     return hooks
 
 
-def install(runner: Any) -> Hooks:
-    """Make ``runner`` (a built, captured V2 ``GPUModelRunner``) an ndif runner."""
+def install(runner: Any, segmented: bool = True) -> Hooks:
+    """Make ``runner`` (a built, captured V2 ``GPUModelRunner``) an ndif runner.
+
+    ``segmented``: capture copies of vLLM's FULL graphs broken at the taps (`segments`),
+    for decode steps on taps; without them those steps run on PIECEWISE graphs."""
     from vllm.config import CUDAGraphMode
     from vllm.forward_context import get_forward_context, is_forward_context_available
     from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
@@ -317,13 +322,31 @@ def install(runner: Any) -> Hooks:
                 )
             else:
                 chosen = dispatch(num_reqs, num_tokens, uniform, num_active_loras=num_active_loras)
-                if chosen.cg_mode == CUDAGraphMode.FULL and hooks.mode == StepMode.TAPS:
+                taps_step = hooks.mode == StepMode.TAPS
+                if taps_step and chosen.cg_mode == CUDAGraphMode.FULL and chosen not in hooks.segments:
                     chosen = _piecewise(manager, chosen, num_reqs, num_tokens, num_active_loras)
             mode = chosen.cg_mode.name
+            if mode == "FULL" and hooks.mode == StepMode.TAPS:
+                mode = "FULL-TAPS"
             hooks.modes[mode] = hooks.modes.get(mode, 0) + 1
             return chosen
 
         manager.dispatch = eager_or_graphs
+        run_fullgraph = manager.run_fullgraph
+
+        def full_graph_or_segments(desc: Any) -> Any:
+            # A decode step on taps replays the FULL graph's tap-broken copy: vLLM's replay
+            # (its buffers, its returned hidden states) with the segments in the graph's place.
+            if hooks.mode != StepMode.TAPS or desc not in hooks.segments:
+                return run_fullgraph(desc)
+            graphs = manager.graphs
+            manager.graphs = hooks.segments
+            try:
+                return run_fullgraph(desc)
+            finally:
+                manager.graphs = graphs
+
+        manager.run_fullgraph = full_graph_or_segments
 
     def run_python(module: torch.nn.Module, args: Any) -> None:
         # Without this, an eager step still calls the compiled model, whose modules'
@@ -332,6 +355,8 @@ def install(runner: Any) -> Hooks:
             get_forward_context().skip_compiled = True
 
     runner.model.register_forward_pre_hook(run_python)
+    if manager is not None and segmented:
+        hooks.segments = segments.capture_segments(runner)
     return hooks
 
 

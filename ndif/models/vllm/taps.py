@@ -39,8 +39,21 @@ _handlers: dict[int, Callable[[list[torch.Tensor], int], None]] = {}
 _numbers = itertools.count()
 
 
+#: While `segments.SegmentedCapture` captures a forward, where taps go instead (it ends a
+#: graph segment there).
+_breaker: list[Callable[[list[torch.Tensor], int, int], None]] = []
+
+
+def break_captures_with(breaker: Callable[[list[torch.Tensor], int, int], None] | None) -> None:
+    """Send taps to ``breaker(values, index, kind)`` (a capture under way), or back to their handlers."""
+    _breaker[:] = [] if breaker is None else [breaker]
+
+
 def tap(values: list[torch.Tensor], index: int, kind: int) -> None:
     """Serve a tapped site's output (``values``) to ndif; edits are made in place."""
+    if _breaker:
+        _breaker[0](values, index, kind)
+        return
     handler = _handlers.get(index)
     if handler is not None:
         handler(values, kind)
