@@ -10,6 +10,7 @@ modules that are tapped there (see ``ndif.models.vllm.taps``).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -99,9 +100,19 @@ def _scan_class(cls: type, names: set[str], seen: set[int], depth: int) -> None:
             _scan_function(value, names, seen, depth)
 
 
-def _scan_code(code: types.CodeType, names: set[str]) -> set[str]:
+def _scan_code(code: types.CodeType, names: set[str]) -> frozenset[str]:
     """Add ``code``'s names and string words (nested code too) to ``names``; returns the
     names it looks up (attributes and globals), for the caller to resolve."""
+    found, looked_up = _code_names(code)
+    names.update(found)
+    return looked_up
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]:
+    """``code``'s names and string words, and the names it looks up; once per code object
+    (a serving engine scans every job, and many jobs run the same traced code)."""
+    names: set[str] = set()
     looked_up = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
@@ -113,4 +124,4 @@ def _scan_code(code: types.CodeType, names: set[str]) -> set[str]:
                 if isinstance(item, str):
                     names.update(_PARTS.findall(item))
     names.update(looked_up)
-    return looked_up
+    return frozenset(names), frozenset(looked_up)
