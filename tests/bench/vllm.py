@@ -23,6 +23,7 @@ Prints output tokens/s and the ratios the issue sets goals for; writes JSON.
     python -m tests.bench.vllm [--out DIR] [--layers N] [--requests N] [--tokens N] [--parts plain,ndif]
     python -m tests.bench.vllm --report A/bench-vllm.json B/bench-vllm.json   # parts run apart, one table
     python -m tests.bench.vllm --parts ndif --cases none,steer-10% --profile DIR   # the engine thread, per case
+    python -m tests.bench.vllm --parts ndif --cases none,steer-10% --torch-profile DIR   # GPU time per step
 """
 
 from __future__ import annotations
@@ -135,19 +136,25 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
         counts = [0] * len(jobs)
         errors = []
 
+        # The clients are running before the clock starts, as plain vLLM's batch is built
+        # before its clock starts: starting 256 threads is the harness's cost, not ndif's.
+        ready = threading.Barrier(len(jobs) + 1)
+
         def target(number, job, prompt):
+            ready.wait()
             try:
                 counts[number] = job(prompt)
             except BaseException as error:  # noqa: BLE001 - reported
                 errors.append(repr(error))
 
         threads = [threading.Thread(target=target, args=(n, job, p)) for n, (job, p) in enumerate(jobs)]
+        for thread in threads:
+            thread.start()
         before = dict(model.step_counts)
         modes = dict(model._hooks.modes)
         engine_steps = model._loop.steps
+        ready.wait()
         started = time.perf_counter()
-        for thread in threads:
-            thread.start()
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - started
@@ -182,7 +189,9 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
     chosen = [f"ndif-{name}" for name in args.cases.split(",")] if args.cases else list(cases)
     timed("warm-up", [(jobs["saving"], p) for p in batch[:8]])
     for name in chosen:
-        if args.profile:  # where the engine thread's time goes, case by case (slower: not timings)
+        if args.torch_profile:  # GPU kernel time per step against wall time: CPU- or GPU-bound?
+            torch_profiled(model, name, lambda name=name: timed(name, cases[name]()), results, Path(args.torch_profile))
+        elif args.profile:  # where the engine thread's time goes, case by case (slower: not timings)
             import cProfile
             import io
             import pstats
@@ -200,6 +209,41 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             timed(name, cases[name]())
     del results["warm-up"]
     return results
+
+
+def torch_profiled(model, name: str, run, results: dict, folder: Path) -> None:
+    """Run one case under ``torch.profiler`` (started on the engine's thread): writes the
+    top kernels and CPU ops, and records the GPU's busy time per engine step beside the
+    step's wall time in ``results[name]`` (a step whose GPU time is far below its wall time
+    waits on Python)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    model._loop.call(profiler.__enter__)
+    run()
+    model._loop.call(lambda: profiler.__exit__(None, None, None))
+    kernels = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
+    busy_us = sum(event.time_range.elapsed_us() for event in kernels)
+    row = results[name]
+    steps = max(1, row["engine_steps"])
+    row["gpu_busy_ms_per_step"] = busy_us / 1000 / steps
+    row["wall_ms_per_step"] = row["seconds"] * 1000 / steps
+    row["kernels_per_step"] = len(kernels) / steps
+    print(
+        name, "profiled:", {key: row[key] for key in ("gpu_busy_ms_per_step", "wall_ms_per_step", "kernels_per_step")}
+    )
+    averages = profiler.key_averages()
+    text = [f"{name}: {row}\n"]
+    for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
+        try:
+            text.append(f"\n== sorted by {key}\n" + averages.table(sort_by=key, row_limit=30, max_name_column_width=70))
+        except Exception as error:  # noqa: BLE001 - a key this torch does not know
+            text.append(f"\n== {key}: {error!r}\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"torch-{name}.txt").write_text("".join(text))
+    torch.cuda.synchronize()
 
 
 def _cuda_in_subprocess() -> bool:
@@ -224,6 +268,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", default=None, help="with --part ndif: profile the engine thread per case into this folder"
+    )
+    parser.add_argument(
+        "--torch-profile", default=None, help="with --part ndif: GPU time per step and top kernels into this folder"
     )
     parser.add_argument("--parts", default=",".join(PARTS), help="which engines to run, comma-separated")
     parser.add_argument("--report", nargs="+", type=Path, default=None, help="print the table of earlier runs' JSON")
@@ -255,7 +302,16 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {PARTS}")
-    run_all(args.out, args.layers, args.requests, args.tokens, parts, cases=args.cases, profile=args.profile)
+    run_all(
+        args.out,
+        args.layers,
+        args.requests,
+        args.tokens,
+        parts,
+        cases=args.cases,
+        profile=args.profile,
+        torch_profile=args.torch_profile,
+    )
 
 
 def run_all(
@@ -266,6 +322,7 @@ def run_all(
     parts: list[str] | None = None,
     cases: str | None = None,
     profile: str | None = None,
+    torch_profile: str | None = None,
 ) -> dict:
     """Every engine in its own process; prints the table and returns the results.
 
@@ -286,6 +343,7 @@ def run_all(
         if part == "ndif":
             command += ["--cases", cases] if cases else []
             command += ["--profile", profile] if profile else []
+            command += ["--torch-profile", torch_profile] if torch_profile else []
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if out is not None:
