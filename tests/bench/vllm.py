@@ -152,7 +152,7 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             thread.start()
         before = dict(model.step_counts)
         modes = dict(model._hooks.modes)
-        engine_steps = model._loop.steps
+        engine_steps, admitting = model._loop.steps, model._loop.admitting_s
         ready.wait()
         started = time.perf_counter()
         for thread in threads:
@@ -171,6 +171,9 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             # threads started the last job was admitted: jobs trickling in cost steps.
             "engine_steps": model._loop.steps - engine_steps,
             "admitted_after_s": model._loop.last_admission - started,
+            # Of which the engine's thread spent this long admitting (the rest: the clients'
+            # side of their traces, and engine steps taken meanwhile).
+            "admitting_s": model._loop.admitting_s - admitting,
             # How vLLM ran each forward (FULL / PIECEWISE graphs, NONE): a step on taps should
             # be PIECEWISE (NONE where no piecewise graph was captured for its size).
             "modes": {mode: count - modes.get(mode, 0) for mode, count in model._hooks.modes.items()},

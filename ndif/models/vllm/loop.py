@@ -99,6 +99,7 @@ class EngineLoop:
         self.failure: BaseException | None = None
         self.steps = 0  # engine steps taken (benchmarks read it, with `last_admission`)
         self.last_admission = 0.0  # time.perf_counter() of the last job admitted
+        self.admitting_s = 0.0  # this thread's time spent admitting jobs, in all
         self.thread = threading.Thread(target=self._main, name="ndif-vllm-engine", daemon=True)
         self.thread.start()
 
@@ -194,6 +195,7 @@ class EngineLoop:
                     extra.set_exception(error)
 
     def _admit(self, submission: Submission) -> None:
+        started = time.perf_counter()
         try:
             for number, (prompt, params) in enumerate(zip(submission.prompts, submission.params)):
                 self._add(submission, number, prompt, params)
@@ -203,7 +205,6 @@ class EngineLoop:
             submission.future.set_exception(error)
             return
         self.active[submission.key] = submission
-        self.last_admission = time.perf_counter()
         job = ServingJob(
             submission.key,
             dict(zip(submission.ids, submission.blocks)),
@@ -212,6 +213,8 @@ class EngineLoop:
         )
         submission.job = job
         self.run.admit(job)
+        self.last_admission = time.perf_counter()
+        self.admitting_s += self.last_admission - started
 
     def _add(self, submission: Submission | WireSubmission, number: int, prompt: dict, params: Any) -> None:
         """Add a job's request ``number`` to the engine, under an id ndif can map back."""
