@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 from fake_vllm import FakeTPVLLM
 
 import ndif
-from ndif.models.vllm.tp import Partial, SiteSharding, Split
+from ndif.models.vllm.tp import Partial, SiteSharding, Split, sharding_for
 
 
 def gather_from(locals_):
@@ -69,6 +70,27 @@ def test_partial_sums_are_seen_summed_and_edits_split_back():
         whole[0][:] += torch.tensor([[4.0, -2.0]], dtype=torch.float64)  # an edit in place
         seen.append(sharding.local(False, whole, memo)[0])
     assert torch.equal(seen[0] + seen[1], torch.tensor([[15.0, 20.0]], dtype=torch.float64))
+
+
+class MoERunnerInterface(torch.nn.Module):
+    """vLLM's fused-MoE layer (``FusedMoE(...)`` builds a ``MoERunner``), as far as ndif reads it."""
+
+    def __init__(self, skip_final_all_reduce: bool, is_sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.moe_config = SimpleNamespace(
+            skip_final_all_reduce=skip_final_all_reduce, is_sequence_parallel=is_sequence_parallel
+        )
+
+
+class MoERunner(MoERunnerInterface):
+    pass
+
+
+def test_a_fused_moe_layer_leaving_its_all_reduce_to_its_block_is_partial():
+    assert isinstance(sharding_for(MoERunner(True), 0, 2).output, Partial)  # the block reduces: partial sums
+    assert sharding_for(MoERunner(False), 0, 2) is None  # reduced inside: whole on every rank
+    assert sharding_for(MoERunner(True, is_sequence_parallel=True), 0, 2) is None  # not vLLM's late path
+    assert sharding_for(MoERunner(True), 0, 1) is None
 
 
 def tp_trace(model):

@@ -152,11 +152,17 @@ def sharding_for(module: torch.nn.Module, rank: int, size: int) -> SiteSharding 
     """The sharding of a vLLM module's values, or None when they are whole on every rank.
 
     A row-parallel layer built with ``reduce_results=False`` gives partial sums, which
-    blocks see summed (`Partial`).
+    blocks see summed (`Partial`), and so does a fused-MoE layer (vLLM's ``MoERunner``)
+    whose final all-reduce is left to the block around it.
     """
     if size == 1:
         return None
     names = _classes(module)
+    if "MoERunnerInterface" in names or "MoERunner" in names:
+        config = getattr(module, "moe_config", None)
+        sequence_parallel = getattr(config, "is_sequence_parallel", False)
+        deferred = getattr(config, "skip_final_all_reduce", False) and not sequence_parallel
+        return SiteSharding(output=Partial(size)) if deferred else None
     if "QKVParallelLinear" in names:
         replicas = module.num_kv_head_replicas
         widths = (
