@@ -46,7 +46,7 @@ class Steps:
         mediator.loops.append(self)
         # An open loop ends after the last step the run can make, even if its body never
         # waits for the model (which is what otherwise ends it).
-        limit = getattr(mediator.run, "max_steps", None)
+        limit = mediator.max_steps if mediator.max_steps is not None else getattr(mediator.run, "max_steps", None)
         try:
             for step in self._indices(limit):
                 if step < 0:

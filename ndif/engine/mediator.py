@@ -175,6 +175,7 @@ class Mediator:
         "guard",
         "grad_inside",
         "grad_outside",
+        "max_steps",
     )
 
     def __init__(self, body: Callable[[], Any], group: Any = None, label: str = "invoke") -> None:
@@ -194,6 +195,7 @@ class Mediator:
         self.guard: Any = None  # the sandbox job guarding this block's code, if any
         self.grad_inside: bool | None = None
         self.grad_outside: bool | None = None
+        self.max_steps: int | None = None  # the most steps its request(s) can make, where the run cannot say
 
     # -- driver side -------------------------------------------------------------
 

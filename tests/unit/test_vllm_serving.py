@@ -215,3 +215,25 @@ def test_bad_requests_get_clear_errors(model):
         with model.generate(PROMPTS[0], max_tokens=1):
             model.model.layers[0].output = (torch.zeros(2, 16), torch.zeros(2, 16))
     assert save_every_step(model, PROMPTS[1])[2] == save_every_step(model, PROMPTS[1])[2]
+
+
+@pytest.mark.timeout(60)
+def test_an_open_step_loop_waiting_for_nothing_ends_with_its_requests(model):
+    """``tracer.all()`` whose body reads nothing used to spin on the engine's thread: a
+    serving run cannot say how many steps there are. Each block knows its requests' lengths."""
+    with model.generate([3, 1, 4], max_tokens=5) as tracer:
+        steps = ndif.save([])
+        for step in tracer.all():
+            steps.append(step)
+    assert steps == [0, 1, 2, 3, 4]
+    with model.generate(max_tokens=3) as tracer:
+        with tracer.invoke([3, 1]):
+            pass
+        with tracer.invoke([2, 7], max_tokens=6):
+            pass
+        with tracer.invoke():  # a block without input: as many steps as the longest request
+            every = ndif.save([])
+            for step in tracer.all():
+                every.append(step)
+    assert every == [0, 1, 2, 3, 4, 5]
+    assert model.generate([3, 1, 4], max_tokens=2, trace=False) is not None  # the engine carries on

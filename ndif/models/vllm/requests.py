@@ -43,7 +43,25 @@ def job_parts(edits: list, trace: Trace, invokes: list[InvokeSpec], call_kwargs:
         parts.prompts.append(prompt_of(spec.inputs, tokenizer))
         parts.options.append(sampling_options({**defaults, **call_kwargs, **spec.kwargs}))
         parts.blocks.append([Mediator(spec.body, None, spec.label)] if spec.body is not None else [])
+    _bound_open_loops(parts)
     return parts
+
+
+#: vLLM's ``SamplingParams.max_tokens`` when a request does not say.
+DEFAULT_MAX_TOKENS = 16
+
+
+def _bound_open_loops(parts: JobParts) -> None:
+    """Tell each block how many steps its request(s) can make, so that an open step loop
+    (``tracer.all()``) whose body waits for nothing ends there instead of spinning: a serving
+    run cannot say, its requests having lengths of their own."""
+    lengths = [options.get("max_tokens", DEFAULT_MAX_TOKENS) for options in parts.options]
+    for blocks, length in zip(parts.blocks, lengths):
+        for block in blocks:
+            block.max_steps = length
+    if lengths and all(length is not None for length in lengths):
+        for block in parts.wide:
+            block.max_steps = max(lengths)
 
 
 def prompt_of(inputs: tuple, tokenizer: Any) -> dict:
