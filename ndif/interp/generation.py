@@ -77,13 +77,15 @@ def generate_with(
     seed: int | None = None,
     stop_tokens: set[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    remote: Any = None,
 ) -> Generation:
     """Generate up to ``max_tokens`` tokens after ``prompt`` (token ids) with ``recipe``
     applied at every step; ``on_token`` is called with each `Step` as it is sampled.
 
     ``should_stop``, asked after each token, ends the generation early when it says so (a
     stop sequence in the text). On a tensor-parallel engine, whose steps arrive at the end,
-    it cannot: the caller truncates.
+    it cannot: the caller truncates. ``remote`` goes to the trace (``model.generate``): on
+    a tensor-parallel engine, the backend that runs it on the ranks, with its limits.
     """
     stopping = should_stop or (lambda: False)
     recipe = recipe or Recipe()
@@ -109,7 +111,7 @@ def generate_with(
         # A tensor-parallel vLLM engine runs traces on its ranks, in other processes: the
         # steps come back with the result, and ``on_token`` sees them all at the end.
         options = _vllm_options(max_tokens, temperature, top_p, seed, stop_tokens)
-        with model.generate(prompt, **options) as tracer:
+        with model.generate(prompt, remote=remote, **options) as tracer:
             seen = recipe.run(model, tracer)
             tokens = tracer.result.save()
         for step in range(len(tokens)):
@@ -118,7 +120,7 @@ def generate_with(
             sampled(int(token))
     elif getattr(model, "splits_residual", False):  # vLLM: the sampled token is served at every step
         options = _vllm_options(max_tokens, temperature, top_p, seed, stop_tokens)
-        with model.generate(prompt, **options) as tracer:
+        with model.generate(prompt, remote=remote, **options) as tracer:
             for step in tracer.all():  # every step, however many the reply takes
                 observed(step, recipe.step(model, step))
                 sampled(int(model.samples.output.reshape(-1)[0]))
@@ -134,7 +136,7 @@ def generate_with(
         )
         if stop_tokens:
             options["eos_token_id"] = sorted(stop_tokens)
-        with model.generate(prompt, **options) as tracer:
+        with model.generate(prompt, remote=remote, **options) as tracer:
             for step in tracer.all():
                 observed(step, recipe.step(model, step))
             output = tracer.result.save()

@@ -547,6 +547,8 @@ class FakeRanksVLLM(FakeVLLM):
         worker = FakeWorker(runner)
         engine.workers.append(worker)
         worker.ndif_install("toy-vllm")
+        width = module.model.embed_tokens.embedding_dim
+        engine.model_config = SimpleNamespace(hf_config=SimpleNamespace(hidden_size=width))  # as vLLM's LLMEngine has
         object.__setattr__(self, "engine", engine)
         object.__setattr__(self, "worker", worker)
         self._connect_ranks(engine, "toy-vllm", None, None)

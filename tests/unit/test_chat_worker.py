@@ -6,6 +6,7 @@ tracing API; tokens stream out one chunk each; bad requests end in a clear error
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -196,6 +197,47 @@ def test_chat_on_a_tensor_parallel_engine_streams_at_the_end_and_equals_one_engi
     assert on_ranks["tokens"] == here["tokens"]
     for a, b in zip(on_ranks["steps"], here["steps"]):
         assert a["observations"]["norm:2"] == pytest.approx(b["observations"]["norm:2"], rel=1e-5)
+
+
+def test_a_chat_on_a_tensor_parallel_engine_is_checked_first_and_ends_on_its_ranks_when_cancelled(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "toy-artifacts"
+    folder.mkdir()
+    model = FakeRanksVLLM()
+    object.__setattr__(model, "tokenizer", Tokens())
+    actor = make_actor(tmp_path, monkeypatch, model, folder)
+    steps = model.engine.steps
+    outcome, _, _ = chat(actor, ndif={"steer": [{"vector": [1.0, 2.0], "layers": [0]}]})
+    assert outcome["status"] == "error" and "this model's residual stream has 16" in outcome["error"]["message"]
+    assert model.engine.steps == steps  # refused before the ranks ran anything
+
+    original = actor_module.run_chat
+
+    helpers = []
+
+    def cancelled_while_running(model_, payload, shelf, emit, token, time_s):
+        model.hold()  # the engine takes no step until the chat is cancelled
+
+        def cancel_then_release():
+            time.sleep(0.3)
+            token.cancel()
+            time.sleep(0.3)
+            model.release()
+
+        helpers.append(threading.Thread(target=cancel_then_release))
+        helpers[-1].start()
+        return original(model_, payload, shelf, emit, token, time_s)
+
+    monkeypatch.setattr(actor_module, "run_chat", cancelled_while_running)
+    outcome, _, chunks = chat(actor, max_tokens=40)
+    helpers[0].join()
+    assert outcome["status"] == "cancelled" and chunks == [], outcome
+    assert model.engine.steps - steps < 40  # its requests were ended on the ranks, not run to the end
+    assert not model.worker.ndif.jobs  # nothing of it is left there
+    monkeypatch.setattr(actor_module, "run_chat", original)
+    after = chat(actor, temperature=0)[0]
+    assert after["status"] == "completed", after
 
 
 class Pieces:

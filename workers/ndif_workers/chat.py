@@ -9,6 +9,7 @@ which stores them for the API's stream).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -20,7 +21,7 @@ import torch
 
 from ndif import interp
 from ndif.interp.generation import Generation, Step, generate_with
-from ndif.sandbox import CancelToken, JobCancelled, TimeLimitExceeded
+from ndif.sandbox import CancelToken, JobCancelled, JobLimits, TimeLimitExceeded
 
 
 class ChatError(ValueError):
@@ -180,6 +181,9 @@ def run_chat(
         emit(chunk)
 
     max_tokens = int(payload.get("max_tokens") or 64)
+    remote = None
+    if getattr(model, "_ranks", False):  # its ranks run the whole reply: they end it on a cancel or the deadline
+        remote = functools.partial(model.run_wire, limits=JobLimits(time_s=time_s), cancel=cancel)
     generation = generate_with(
         model,
         prompt,
@@ -191,6 +195,7 @@ def run_chat(
         seed=payload.get("seed"),
         stop_tokens=stops,
         should_stop=(lambda: text.stopped) if text.stop else None,
+        remote=remote,
     )
     if not text.stopped:
         rest = text.flush()  # text held back in case it began a stop sequence

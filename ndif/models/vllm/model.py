@@ -134,7 +134,10 @@ class VLLM(NNsight):
     def _connect_ranks(self, engine: Any, source: str, tokenizer: Any, rename: dict | None) -> None:
         """Envoys over the ranks' module tree (a skeleton here) and the engine's loop: traces
         go to the ranks as wire requests (`rank.RankServer`)."""
-        NNsight.__init__(self, build_skeleton(engine.collective_rpc("ndif_structure")[0]), rename=rename)
+        skeleton = build_skeleton(engine.collective_rpc("ndif_structure")[0])
+        # The model's config (its hidden size, ...), which the skeleton's modules do not hold.
+        skeleton.config = getattr(getattr(engine, "model_config", None), "hf_config", None)
+        NNsight.__init__(self, skeleton, rename=rename)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_hooks", None)
         object.__setattr__(self, "tokenizer", tokenizer)
