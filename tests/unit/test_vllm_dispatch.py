@@ -206,6 +206,32 @@ def test_decode_steps_on_taps_replay_full_graphs_broken_at_the_taps(fake_vllm_mo
     assert hooks.modes == {"FULL-TAPS": 1}
 
 
+def test_a_failed_capture_leaves_the_taps_on_piecewise_graphs(fake_vllm_modules, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    model = ToyForCausalLM()
+    points = taps.add_taps(model)
+    runner = CapturingRunner(model)
+    runner.cudagraph_manager = manager = Manager(captured=True)
+    runner.req_states = {}
+    real_graph = torch.cuda.graph
+    served = []
+    taps.connect(points[0], lambda module, values, kind: served.append(module))
+
+    def out_of_memory(self, *args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(ToyForCausalLM, "forward", out_of_memory)  # fails inside the capture
+    hooks = install(runner)
+    assert hooks.segments == {} and torch.cuda.graph is real_graph
+    assert manager.graphs[FULL_256].name == "vllm"
+    hooks.mode, hooks.eager = StepMode.TAPS, False
+    assert manager.dispatch(240, 240, 1).cg_mode is CUDAGraphMode.PIECEWISE
+    taps.tap([torch.zeros(2)], points[0].ndif_tap, taps.TENSOR)
+    assert served == [points[0]]  # no capture is left intercepting the taps
+
+
 def _inputs():
     import torch
 
