@@ -67,7 +67,7 @@ def write_registry(folder: Path, model_path: Path, max_concurrency: int = 4) -> 
 TEST_SETTINGS = {
     "NDIF_LEASE_S": "4",
     "NDIF_HEARTBEAT_S": "0.5",
-    "NDIF_JOB_TIME_S": "10",
+    "NDIF_JOB_TIME_S": "20",  # the tests' slow jobs take 5-12 s, with the machine's speed
     "NDIF_MAX_REQUEST_BYTES": str(8 << 20),
     "NDIF_MAX_ATTEMPTS": "3",
     "NDIF_BROKER_VISIBILITY_S": "5",
