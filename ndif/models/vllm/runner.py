@@ -313,6 +313,7 @@ def install(runner: Any, segmented: bool = True) -> Hooks:
         dispatch = manager.dispatch
 
         def eager_or_graphs(num_reqs: int, num_tokens: int, uniform: Any, num_active_loras: int = 0) -> Any:
+            taps_step = hooks.mode == StepMode.TAPS
             if hooks.eager:
                 chosen = BatchExecutionDescriptor(
                     cg_mode=CUDAGraphMode.NONE,
@@ -322,11 +323,10 @@ def install(runner: Any, segmented: bool = True) -> Hooks:
                 )
             else:
                 chosen = dispatch(num_reqs, num_tokens, uniform, num_active_loras=num_active_loras)
-                taps_step = hooks.mode == StepMode.TAPS
                 if taps_step and chosen.cg_mode == CUDAGraphMode.FULL and chosen not in hooks.segments:
                     chosen = _piecewise(manager, chosen, num_reqs, num_tokens, num_active_loras)
             mode = chosen.cg_mode.name
-            if mode == "FULL" and hooks.mode == StepMode.TAPS:
+            if mode == "FULL" and taps_step:
                 mode = "FULL-TAPS"
             hooks.modes[mode] = hooks.modes.get(mode, 0) + 1
             return chosen

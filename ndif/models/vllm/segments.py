@@ -48,12 +48,10 @@ class SegmentedCapture:
 
     def __init__(
         self,
-        graph: Any,
         pool: Any = None,
         stream: Any = None,
         capture_error_mode: str = "global",
     ) -> None:
-        self.key = graph  # the graph vLLM created for this size (never captured into)
         self.pool = pool
         self.stream = stream
         self.error_mode = capture_error_mode
@@ -136,7 +134,7 @@ def capture_segments(runner: Any) -> dict[Any, Segments]:
     captures: dict[int, SegmentedCapture] = {}
 
     def stand_in(graph: Any, pool: Any = None, stream: Any = None, capture_error_mode: str = "global") -> Any:
-        capture = SegmentedCapture(graph, pool, stream, capture_error_mode)
+        capture = SegmentedCapture(pool, stream, capture_error_mode)  # in place of ``graph``, never captured into
         captures[id(graph)] = capture
         return capture
 
