@@ -11,6 +11,9 @@ engine's memory), one after the other:
   graphs a step on ndif's taps runs: the ceiling for the taps cases;
 * ``plain-inproc``: vLLM as shipped with the engine core in the calling process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as ``ndif.VLLM`` runs it;
+* ``plain-ndifopts``: plain vLLM built as ``ndif.VLLM`` builds its engine (in-process,
+  ndif's engine defaults, graphs split at the taps) but driven by ``LLM.generate``: what
+  the engine's configuration costs, apart from ndif's Python;
 * ``ndif``: one ``ndif.VLLM`` engine, 256 concurrent traces (threads) per case: no
   intervention (the body only saves ``tracer.result``), a save of one layer's output at
   every step of every request, a steering vector added at one layer at every step of
@@ -29,6 +32,7 @@ Prints output tokens/s and the ratios the issue sets goals for; writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 LLAMA_31_8B = {
@@ -80,7 +85,7 @@ ENGINE = {
 
 #: One process each: plain vLLM as shipped, eager, ndif, and plain vLLM with the engine core
 #: in-process (as ndif runs it; a diagnostic, last so that a run cut short has the rest).
-PARTS = ["plain", "plain-eager", "ndif", "plain-piecewise", "plain-inproc"]
+PARTS = ["plain", "plain-eager", "ndif", "plain-piecewise", "plain-inproc", "plain-ndifopts"]
 
 
 def write_config(folder: Path, layers: int | None) -> Path:
@@ -99,24 +104,105 @@ def prompts(count: int, length: int) -> list[list[int]]:
     return [[generator.randrange(1000, 120000) for _ in range(length)] for _ in range(count)]
 
 
-def run_plain(path: str, args: argparse.Namespace, eager: bool, inproc: bool = False, piecewise: bool = False) -> dict:
-    if inproc:  # the engine core in this process, as ndif.VLLM runs it
+def run_plain(path: str, args: argparse.Namespace, part: str) -> dict:
+    eager, inproc, piecewise, ndif_options = (word in part for word in ("eager", "inproc", "piecewise", "ndifopts"))
+    if inproc or ndif_options:  # the engine core in this process, as ndif.VLLM runs it
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     extra: dict = {"distributed_executor_backend": "uni"} if inproc else {}
     if piecewise:
         extra["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
-    llm = LLM(path, enforce_eager=eager, **ENGINE, **extra)
+    if ndif_options:  # the engine ndif.VLLM builds, without ndif's hooks or loop
+        from ndif.models.vllm.model import _ENGINE_DEFAULTS
+        from ndif.models.vllm.taps import patch_model_loading, with_taps
+
+        patch_model_loading()
+        extra = with_taps({**_ENGINE_DEFAULTS, **ENGINE})
+        llm = LLM(path, **extra)
+    else:
+        llm = LLM(path, enforce_eager=eager, **ENGINE, **extra)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.tokens)]
     llm.generate(batch[:8], params, use_tqdm=False)  # warm-up
+    steps = StepTimes(llm.llm_engine)
     started = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
     seconds = time.perf_counter() - started
     tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
-    name = ("plain-eager" if eager else "plain") + ("-inproc" if inproc else "") + ("-piecewise" if piecewise else "")
-    return {name: {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}}
+    return {part: {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, **steps.summary(started)}}
+
+
+class StepTimes:
+    """When each of an engine's steps began and ended (its ``step`` wrapped on the
+    instance): where a run's time went, step by step, beside its total."""
+
+    def __init__(self, engine) -> None:
+        self.spans: list[tuple[float, float]] = []
+        step = engine.step
+
+        def timed_step(*args, **kwargs):
+            began = time.perf_counter()
+            result = step(*args, **kwargs)
+            self.spans.append((began, time.perf_counter()))
+            return result
+
+        engine.step = timed_step
+
+    def summary(self, started: float) -> dict:
+        """Since ``started``: the steps' count, the first step's end, the first ten steps'
+        time, the median step after them, the time spent inside ``step()`` and outside it
+        (the caller's loop: admitting, retiring, waiting for the GIL), and every step's
+        length from the previous one's end (ms)."""
+        spans = [span for span in self.spans if span[1] > started]
+        self.spans.clear()
+        if not spans:
+            return {}
+        ends = [end for _, end in spans]
+        lengths = [(b - a) * 1000 for a, b in zip([started, *ends], ends)]
+        later = sorted(lengths[10:]) or [0.0]
+        inside = sum(end - max(began, started) for began, end in spans)
+        return {
+            "steps": len(ends),
+            "first_step_end_s": ends[0] - started,
+            "first_10_steps_s": ends[min(9, len(ends) - 1)] - started,
+            "median_later_step_ms": later[len(later) // 2],
+            "in_step_s": inside,
+            "between_steps_s": ends[-1] - started - inside,
+            "step_ms": [round(length, 2) for length in lengths],
+        }
+
+
+#: Diagnostic variants of a case (``--cases none@gc-off,...``), each a context to run it in.
+VARIANTS = ("gc-off", "switch-0.5ms", "window-0", "window-100ms")
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Run a case with one thing changed: Python's garbage collector off, a shorter GIL
+    switch interval, or the engine loop's admission window (`loop.ADMISSION_WINDOW_S`)."""
+    import gc
+
+    from ndif.models.vllm import loop
+
+    saved = gc.isenabled(), sys.getswitchinterval(), loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S
+    if name == "gc-off":
+        gc.disable()
+    elif name == "switch-0.5ms":
+        sys.setswitchinterval(0.0005)
+    elif name == "window-0":
+        loop.ADMISSION_WINDOW_S = loop.ADMISSION_WAIT_S = 0.0
+    elif name == "window-100ms":
+        loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S = 0.1, 0.01
+    elif name:
+        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+    try:
+        yield
+    finally:
+        if saved[0]:
+            gc.enable()
+        sys.setswitchinterval(saved[1])
+        loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S = saved[2], saved[3]
 
 
 def run_ndif(path: str, args: argparse.Namespace) -> dict:
@@ -131,9 +217,19 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
 
     batch = prompts(args.requests, args.tokens)
     results = {}
+    timeline = StepTimes(model._loop.engine)
+    submitted: list[float] = []
+    submit = model._loop.submit
+
+    def timed_submit(submission):
+        submitted.append(time.perf_counter())
+        return submit(submission)
+
+    model._loop.submit = timed_submit
 
     def timed(name, jobs):
         counts = [0] * len(jobs)
+        cpu = [0.0] * len(jobs)
         errors = []
 
         # The clients are running before the clock starts, as plain vLLM's batch is built
@@ -142,22 +238,28 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
 
         def target(number, job, prompt):
             ready.wait()
+            began = time.thread_time()
             try:
                 counts[number] = job(prompt)
             except BaseException as error:  # noqa: BLE001 - reported
                 errors.append(repr(error))
+            cpu[number] = time.thread_time() - began
 
         threads = [threading.Thread(target=target, args=(n, job, p)) for n, (job, p) in enumerate(jobs)]
         for thread in threads:
             thread.start()
         before = dict(model.step_counts)
         modes = dict(model._hooks.modes)
+        timeline.spans.clear()
         engine_steps, admitting = model._loop.steps, model._loop.admitting_s
+        engine_cpu = model._loop.call(time.thread_time)
+        submitted.clear()
         ready.wait()
         started = time.perf_counter()
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - started
+        engine_cpu = model._loop.call(time.thread_time) - engine_cpu
         after = model.step_counts
         results[name] = {
             "tokens": sum(counts),
@@ -174,9 +276,15 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             # Of which the engine's thread spent this long admitting (the rest: the clients'
             # side of their traces, and engine steps taken meanwhile).
             "admitting_s": model._loop.admitting_s - admitting,
+            # When the last client had its trace submitted, and the CPU time the clients'
+            # threads and the engine's thread used (all under one GIL).
+            "submitted_after_s": max(submitted, default=started) - started,
+            "clients_cpu_s": sum(cpu),
+            "engine_cpu_s": engine_cpu,
             # How vLLM ran each forward (FULL / PIECEWISE graphs, NONE): a step on taps should
             # be PIECEWISE (NONE where no piecewise graph was captured for its size).
             "modes": {mode: count - modes.get(mode, 0) for mode, count in model._hooks.modes.items()},
+            **timeline.summary(started),
         }
         print(name, results[name], flush=True)
 
@@ -189,10 +297,17 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
         name: (lambda chooser=chooser: [(chooser(n), p) for n, p in enumerate(batch)])
         for name, chooser in choosers.items()
     }
+    # No intervention, as one trace of one invoke per request (as LLM.generate takes the
+    # batch in one call) rather than a trace per request: what admitting many jobs costs.
+    cases["ndif-none-batched"] = lambda: [(batched_job(model, steps), batch)]
     chosen = [f"ndif-{name}" for name in args.cases.split(",")] if args.cases else list(cases)
     timed("warm-up", [(jobs["saving"], p) for p in batch[:8]])
     for name in chosen:
-        if args.torch_profile:  # GPU kernel time per step against wall time: CPU- or GPU-bound?
+        case, _, changed = name.partition("@")
+        if changed:  # a diagnostic variant of a case
+            with variant(changed):
+                timed(name, cases[case]())
+        elif args.torch_profile:  # GPU kernel time per step against wall time: CPU- or GPU-bound?
             torch_profiled(model, name, lambda name=name: timed(name, cases[name]()), results, Path(args.torch_profile))
         elif args.profile:  # where the engine thread's time goes, case by case (slower: not timings)
             import cProfile
@@ -212,6 +327,21 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             timed(name, cases[name]())
     del results["warm-up"]
     return results
+
+
+def batched_job(model, steps: int):
+    """A job running every prompt it is given as an invoke of one trace; returns the tokens."""
+    import ndif
+
+    def job(batch: list[list[int]]) -> int:
+        with model.generate(max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            outputs = ndif.save([])
+            for prompt in batch:
+                with tracer.invoke(prompt):
+                    outputs.append(tracer.result)
+        return sum(len(output) for output in outputs)
+
+    return job
 
 
 def torch_profiled(model, name: str, run, results: dict, folder: Path) -> None:
@@ -288,16 +418,8 @@ def main() -> None:
         return
 
     if args.part is not None:  # one engine, in this process (CUDA untouched before vLLM forks)
-        if args.part == "ndif":
-            result = run_ndif(args.model, args)
-        else:
-            result = run_plain(
-                args.model,
-                args,
-                eager="eager" in args.part,
-                inproc="inproc" in args.part,
-                piecewise="piecewise" in args.part,
-            )
+        run = run_ndif if args.part == "ndif" else partial(run_plain, part=args.part)
+        result = run(args.model, args)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
