@@ -6,7 +6,9 @@ q/k/v and gate/up projections, the attention op's inputs and output, the row-par
 inputs, the activation) and steers one layer. In float32 the whole values agree to 1e-3
 (only the order of the all-reduce's sums differs); in bf16 the tokens agree and TP=2 is
 no further from float32's values than TP=1 is (bf16's own error, here up to ~3%, is the
-tolerance). Run by ``tests/gpu/run_vllm.sh`` on a two-GPU machine.
+tolerance). A second trace reads and steers only decoder layers' outputs, which every rank
+serves on its graphs' taps: its decode steps replay FULL graphs broken at the taps
+(`segments`), on every rank. Run by ``tests/gpu/run_vllm.sh`` on a two-GPU machine.
 """
 
 from __future__ import annotations
@@ -26,10 +28,31 @@ import ndif  # noqa: E402
 
 SCRIPT = r"""
 import json, sys, torch, ndif
-path, size, out, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+path, size, out, dtype, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 model = ndif.VLLM(path, tensor_parallel_size=size, gpu_memory_utilization=0.2, max_model_len=256, dtype=dtype)
 prompt = list(range(5, 40))
 steer = torch.full((256,), 0.25, dtype=torch.bfloat16)
+
+
+def modes():  # how each rank's forwards ran: FULL / PIECEWISE graphs, FULL-TAPS segments, NONE
+    if size == 1:
+        return [dict(model._hooks.modes)]
+    return [rank["modes"] for rank in model._loop.call(lambda: model._loop.engine.collective_rpc("ndif_counts"))]
+
+
+if kind == "taps":  # decoder layers' outputs only: served on the graphs' taps
+    before = modes()
+    with model.generate(prompt, max_tokens=6, temperature=0.0) as tracer:
+        seen = ndif.save([])
+        for step in tracer.iter[:6]:
+            model.model.layers[1].output[0][:] += steer.to(model.model.layers[1].output[0].device)
+            seen.append(model.model.layers[3].output[0])
+        tokens = tracer.result.save()
+    ran = [{mode: count - old.get(mode, 0) for mode, count in new.items()} for new, old in zip(modes(), before)]
+    torch.save({"seen": [value.float().cpu() for value in seen], "tokens": tokens, "modes": ran}, out)
+    print("DONE", json.dumps(tokens), json.dumps(ran))
+    sys.exit(0)
+
 with model.generate(prompt, max_tokens=4, temperature=0.0) as tracer:
     seen = ndif.save([])
     for step in tracer.iter[:4]:
@@ -55,14 +78,14 @@ def checkpoint(tmp_path_factory):
     return ndif.make_tiny(tmp_path_factory.mktemp("tiny-llama-tp"), layers=4, hidden=256, vocab_size=512)
 
 
-def run_both(checkpoint, dtype, tmp_path):
+def run_both(checkpoint, dtype, tmp_path, kind="sites"):
     """TP=1's and TP=2's saved values and tokens, one engine after the other (engines that
     start together on one GPU upset each other's memory profiling)."""
     results = []
     for size in (1, 2):
-        out = tmp_path / f"tp{size}-{dtype}.pt"
+        out = tmp_path / f"tp{size}-{dtype}-{kind}.pt"
         done = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out), dtype],
+            [sys.executable, "-c", SCRIPT, str(checkpoint), str(size), str(out), dtype, kind],
             capture_output=True,
             text=True,
             timeout=300,
@@ -94,3 +117,17 @@ def test_tp2_sees_and_edits_the_same_whole_values_as_tp1(checkpoint, tmp_path):
     bf16_tp2 = relative_errors(two_bf16["seen"], one["seen"])
     print(json.dumps({"bf16_tp1_vs_float32": bf16_tp1, "bf16_tp2_vs_float32": bf16_tp2}))
     assert max(bf16_tp2) <= 2 * max(bf16_tp1), (bf16_tp1, bf16_tp2)
+
+
+def test_tp2_serves_layer_outputs_on_tap_broken_full_graphs_like_tp1(checkpoint, tmp_path):
+    one, two = run_both(checkpoint, "float32", tmp_path, kind="taps")
+    print(json.dumps({"tp1_modes": one["modes"], "tp2_modes": two["modes"]}))
+    # Step 0 (the prompt) on PIECEWISE graphs, steps 1-5 (one token each) on the FULL
+    # graph's copy broken at the taps, on every rank; never eagerly.
+    for ran in [*one["modes"], *two["modes"]]:
+        assert ran.get("FULL-TAPS") == 5 and ran.get("PIECEWISE") == 1 and not ran.get("NONE"), ran
+    assert len(two["modes"]) == 2
+    assert two["tokens"] == one["tokens"]
+    errors = relative_errors(two["seen"], one["seen"])
+    print(json.dumps({"taps_float32_relative_errors": errors}))
+    assert len(errors) == 6 and max(errors) < 1e-3, errors

@@ -35,10 +35,9 @@ class NdifWorkerExtension:
         return True
 
     def _ndif_hooks(self, eager_kernels: bool) -> Hooks:
-        # Segmented FULL graphs are not yet verified under tensor parallelism (their capture
-        # re-enters vLLM's, collectives and custom all-reduce included): steps on taps use
-        # the PIECEWISE graphs there.
-        hooks = install(self.model_runner, segmented=False)
+        # Every rank captures the same FULL graphs broken at the taps (`segments`), inside
+        # vLLM's own capture (its collectives and custom all-reduce buffers included).
+        hooks = install(self.model_runner)
         if eager_kernels:
             fast_eager_kernels(self.model_runner.model)
         return hooks
