@@ -7,9 +7,9 @@ does the two halves of that trick:
 * `capture` finds the ``with`` statement the caller is entering, from the source
   of the caller's frame (a file, an IPython/Jupyter cell, or ``python -c``), and
   compiles its body (see `ndif.tracing.rewrite`). Results are cached per call site.
-* `skip_body` arms a line-trace function on the caller's frame that raises
-  `SkipBody` the instant the body is about to start; the tracer's ``__exit__``
-  catches it and runs the captured body instead.
+* `skip_body` arms the caller's frame to raise `SkipBody` the instant the body is
+  about to start (`ndif.tracing.skipping`); the tracer's ``__exit__`` catches it and
+  runs the captured body instead.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import CodeType, FrameType
-from typing import Any
 
 from .errors import TraceSyntaxError
 from .rewrite import compile_body
+from .skipping import Armed, SkipBody, arm, disarm
+
+__all__ = ["Armed", "Block", "SkipBody", "capture", "disarm", "skip_body"]
 
 
 @dataclass(frozen=True)
@@ -51,21 +53,6 @@ class Block:
     body_source: str
     body_lineno: int
     runs_inline: bool
-
-
-class SkipBody(Exception):
-    """Control flow: the body of a captured block was reached and must not run inline."""
-
-
-class Armed:
-    """What `skip_body` changed, so `disarm` can put it back."""
-
-    __slots__ = ("frame", "frame_trace", "thread_trace")
-
-    def __init__(self, frame: FrameType, frame_trace: Any, thread_trace: Any) -> None:
-        self.frame = frame
-        self.frame_trace = frame_trace
-        self.thread_trace = thread_trace
 
 
 #: How captured bodies are compiled in this context: plainly, or by the sandbox.
@@ -202,10 +189,6 @@ def _runs_inline(node: ast.With) -> bool:
     return True
 
 
-def _no_trace(*_: Any) -> None:
-    return None
-
-
 def skip_body(block: Block, frame: FrameType) -> Armed | None:
     """Arrange for ``frame`` to raise `SkipBody` when it reaches ``block``'s body.
 
@@ -225,32 +208,4 @@ def skip_body(block: Block, frame: FrameType) -> Armed | None:
             f"{block.filename}:{first.lineno}: a traced `with` block cannot start with "
             "`try:`. Put another statement above the `try`, or move it outside the block."
         )
-    armed = Armed(frame, frame.f_trace, sys.gettrace())
-    sys.settrace(_no_trace)
-    frame.f_trace = _line_tracer(first.lineno)
-    return armed
-
-
-_LINE_TRACERS: dict[int, Any] = {}
-
-
-def _line_tracer(body_line: int) -> Any:
-    """A frame trace function that raises `SkipBody` once the frame reaches ``body_line``."""
-    tracer = _LINE_TRACERS.get(body_line)
-    if tracer is None:
-
-        def tracer(current: FrameType, event: str, arg: Any) -> Any:
-            if current.f_lineno < body_line:
-                return tracer
-            raise SkipBody()
-
-        _LINE_TRACERS[body_line] = tracer
-    return tracer
-
-
-def disarm(armed: Armed | None) -> None:
-    """Give the frame and the thread back the trace functions `skip_body` displaced."""
-    if armed is not None:
-        armed.frame.f_trace = armed.frame_trace
-        sys.settrace(armed.thread_trace)
-        armed.frame = None  # type: ignore[assignment]
+    return arm(frame, first.lineno)
