@@ -3,7 +3,10 @@ vLLM engine (GPU), `tests.bench.serving` on the CPU stand-in."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ndif
@@ -63,3 +66,48 @@ def cases(jobs: dict[str, Job]) -> dict[str, Callable[[int], Job]]:
         "ndif-steer-eager": lambda n: eagerly,
         "ndif-steer-10%-eager": lambda n: eagerly if n % 10 == 0 else plain,
     }
+
+
+@dataclass
+class ClientRun:
+    """What `run_clients` measured: per client, its tokens, its thread's CPU time and any
+    error; when the clients were released and how long until the last one finished."""
+
+    counts: list[int]
+    cpu_s: list[float]
+    errors: list[str]
+    started: float  # time.perf_counter() when the clients were released
+    seconds: float
+
+
+def run_clients(jobs: list[tuple[Job, Any]], before: Callable[[], None] | None = None) -> ClientRun:
+    """Run each ``(job, prompt)`` on its own thread, all released together.
+
+    The threads are started before the clock, as plain vLLM's batch is built before its
+    clock starts: starting hundreds of threads is the harness's cost, not ndif's. ``before``
+    runs once they all wait (a snapshot of counters), just before the clock starts.
+    """
+    counts = [0] * len(jobs)
+    cpu = [0.0] * len(jobs)
+    errors: list[str] = []
+    ready = threading.Barrier(len(jobs) + 1)
+
+    def client(number: int, job: Job, prompt: Any) -> None:
+        ready.wait()
+        began = time.thread_time()
+        try:
+            counts[number] = job(prompt)
+        except BaseException as error:  # noqa: BLE001 - reported
+            errors.append(repr(error))
+        cpu[number] = time.thread_time() - began
+
+    threads = [threading.Thread(target=client, args=(n, job, prompt)) for n, (job, prompt) in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    if before is not None:
+        before()
+    ready.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return ClientRun(counts, cpu, errors, started, time.perf_counter() - started)

@@ -38,7 +38,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -174,18 +173,21 @@ class StepTimes:
 
 
 #: Diagnostic variants of a case (``--cases none@gc-off,...``), each a context to run it in.
-VARIANTS = ("gc-off", "switch-0.5ms", "window-0", "window-100ms")
+VARIANTS = ("gc-off", "switch-0.5ms", "window-0", "window-100ms", "settrace")
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """Run a case with one thing changed: Python's garbage collector off, a shorter GIL
-    switch interval, or the engine loop's admission window (`loop.ADMISSION_WINDOW_S`)."""
+    switch interval, the engine loop's admission window (`loop.ADMISSION_WINDOW_S`), or
+    traces' bodies skipped by ``sys.settrace`` as before Python 3.12's ``sys.monitoring``."""
     import gc
 
     from ndif.models.vllm import loop
+    from ndif.tracing import skipping
 
     saved = gc.isenabled(), sys.getswitchinterval(), loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S
+    tools = list(skipping._tool)
     if name == "gc-off":
         gc.disable()
     elif name == "switch-0.5ms":
@@ -194,6 +196,8 @@ def variant(name: str):
         loop.ADMISSION_WINDOW_S = loop.ADMISSION_WAIT_S = 0.0
     elif name == "window-100ms":
         loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S = 0.1, 0.01
+    elif name == "settrace":
+        skipping._tool.clear()
     elif name:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     try:
@@ -203,6 +207,7 @@ def variant(name: str):
             gc.enable()
         sys.setswitchinterval(saved[1])
         loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S = saved[2], saved[3]
+        skipping._tool[:] = tools
 
 
 def run_ndif(path: str, args: argparse.Namespace) -> dict:
@@ -228,47 +233,33 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
     model._loop.submit = timed_submit
 
     def timed(name, jobs):
-        counts = [0] * len(jobs)
-        cpu = [0.0] * len(jobs)
-        errors = []
+        snapshot = {}
 
-        # The clients are running before the clock starts, as plain vLLM's batch is built
-        # before its clock starts: starting 256 threads is the harness's cost, not ndif's.
-        ready = threading.Barrier(len(jobs) + 1)
+        def before():  # the engine's counters, once the clients wait at the barrier
+            snapshot.update(
+                counts=dict(model.step_counts),
+                modes=dict(model._hooks.modes),
+                steps=model._loop.steps,
+                admitting=model._loop.admitting_s,
+                engine_cpu=model._loop.call(time.thread_time),
+            )
+            timeline.spans.clear()
+            submitted.clear()
 
-        def target(number, job, prompt):
-            ready.wait()
-            began = time.thread_time()
-            try:
-                counts[number] = job(prompt)
-            except BaseException as error:  # noqa: BLE001 - reported
-                errors.append(repr(error))
-            cpu[number] = time.thread_time() - began
-
-        threads = [threading.Thread(target=target, args=(n, job, p)) for n, (job, p) in enumerate(jobs)]
-        for thread in threads:
-            thread.start()
-        before = dict(model.step_counts)
-        modes = dict(model._hooks.modes)
-        timeline.spans.clear()
-        engine_steps, admitting = model._loop.steps, model._loop.admitting_s
-        engine_cpu = model._loop.call(time.thread_time)
-        submitted.clear()
-        ready.wait()
-        started = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - started
-        engine_cpu = model._loop.call(time.thread_time) - engine_cpu
+        clients = run_clients(jobs, before)
+        started, seconds = clients.started, clients.seconds
+        engine_cpu = model._loop.call(time.thread_time) - snapshot["engine_cpu"]
+        counted, modes = snapshot["counts"], snapshot["modes"]
+        engine_steps, admitting = snapshot["steps"], snapshot["admitting"]
         after = model.step_counts
         results[name] = {
-            "tokens": sum(counts),
+            "tokens": sum(clients.counts),
             "seconds": seconds,
-            "tok_s": sum(counts) / seconds,
-            "errors": errors[:3],
-            "eager_steps": after["eager"] - before["eager"],
-            "graph_steps": after["graph"] - before["graph"],
-            "tap_steps": after["taps"] - before["taps"],
+            "tok_s": sum(clients.counts) / seconds,
+            "errors": clients.errors[:3],
+            "eager_steps": after["eager"] - counted["eager"],
+            "graph_steps": after["graph"] - counted["graph"],
+            "tap_steps": after["taps"] - counted["taps"],
             # The engine's own steps (plain vLLM takes 132 here), and how long after the
             # threads started the last job was admitted: jobs trickling in cost steps.
             "engine_steps": model._loop.steps - engine_steps,
@@ -279,7 +270,7 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             # When the last client had its trace submitted, and the CPU time the clients'
             # threads and the engine's thread used (all under one GIL).
             "submitted_after_s": max(submitted, default=started) - started,
-            "clients_cpu_s": sum(cpu),
+            "clients_cpu_s": sum(clients.cpu_s),
             "engine_cpu_s": engine_cpu,
             # How vLLM ran each forward (FULL / PIECEWISE graphs, NONE): a step on taps should
             # be PIECEWISE (NONE where no piecewise graph was captured for its size).
@@ -289,7 +280,7 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
         print(name, results[name], flush=True)
 
     from .jobs import cases as bench_cases
-    from .jobs import trace_jobs
+    from .jobs import run_clients, trace_jobs
 
     jobs = trace_jobs(model, layer, steer, steps)
     choosers = bench_cases(jobs)
