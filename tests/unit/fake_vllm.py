@@ -78,11 +78,16 @@ class GreedySampler:
         return logits.argmax(dim=-1), logits
 
 
+#: The stand-in engine's context length (a request with ``max_tokens=None`` runs up to it).
+MAX_MODEL_LEN = 24
+
+
 class FakeRunner:
     """The four methods of vLLM's V2 runner that ndif overrides, on a flat batch."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.model_config = SimpleNamespace(max_model_len=MAX_MODEL_LEN)
         self.sampler = GreedySampler()
         self.pending: Any = None
         self.forwards = 0
@@ -145,6 +150,7 @@ class FakeEngine:
 
     def __init__(self, runner: FakeRunner, budget: int = 64, chunked: bool = False) -> None:
         self.runner = runner
+        self.model_config = SimpleNamespace(max_model_len=MAX_MODEL_LEN)  # as vLLM's LLMEngine has
         self.budget = budget
         self.chunked = chunked
         self.requests: dict[str, FakeRequest] = {}
@@ -234,7 +240,8 @@ class FakeEngine:
                 self.chunks += 1
                 continue
             request.output.append(sampled[key])
-            if len(request.output) >= request.max_tokens:
+            most = request.max_tokens if request.max_tokens is not None else MAX_MODEL_LEN - len(request.prompt)
+            if len(request.output) >= most:
                 self.running.remove(key)
                 self.finished.add(key)
                 outputs.append(
@@ -548,7 +555,7 @@ class FakeRanksVLLM(FakeVLLM):
         engine.workers.append(worker)
         worker.ndif_install("toy-vllm")
         width = module.model.embed_tokens.embedding_dim
-        engine.model_config = SimpleNamespace(hf_config=SimpleNamespace(hidden_size=width))  # as vLLM's LLMEngine has
+        engine.model_config.hf_config = SimpleNamespace(hidden_size=width)  # as vLLM's LLMEngine has
         object.__setattr__(self, "engine", engine)
         object.__setattr__(self, "worker", worker)
         self._connect_ranks(engine, "toy-vllm", None, None)

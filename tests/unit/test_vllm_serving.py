@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fake_vllm import FakeVLLM
+from fake_vllm import MAX_MODEL_LEN, FakeVLLM
 
 import ndif
 from ndif.remote import local_backend
@@ -236,4 +236,11 @@ def test_an_open_step_loop_waiting_for_nothing_ends_with_its_requests(model):
             for step in tracer.all():
                 every.append(step)
     assert every == [0, 1, 2, 3, 4, 5]
+    # max_tokens=None (up to the context length): as many steps as the context leaves
+    with model.generate([3, 1, 4], max_tokens=None) as tracer:
+        open_ended = ndif.save([])
+        for step in tracer.all():
+            open_ended.append(step)
+        tokens = tracer.result.save()
+    assert len(tokens) == MAX_MODEL_LEN - 3 and open_ended == list(range(MAX_MODEL_LEN - 3))
     assert model.generate([3, 1, 4], max_tokens=2, trace=False) is not None  # the engine carries on

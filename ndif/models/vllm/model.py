@@ -210,7 +210,7 @@ class VLLM(NNsight):
     def _execute(self, trace: Trace, invokes: list[InvokeSpec], call_kwargs: dict) -> Any:
         """Submit the invokes as one job of vLLM requests and wait for them; returns each
         request's generated token ids."""
-        parts = job_parts(self._edits, trace, invokes, call_kwargs, self.tokenizer)
+        parts = job_parts(self._edits, trace, invokes, call_kwargs, self.tokenizer, context_length(self._loop.engine))
         params = [self._sampling(options) for options in parts.options]
         if parts.intervenes:
             private_cache(parts.prompts, params)
@@ -284,6 +284,11 @@ def _tokenizer(llm: Any, engine_args: dict) -> Any:
         return llm.get_tokenizer()
     except Exception:  # noqa: BLE001 - a model without tokenizer files takes token ids only
         return None
+
+
+def context_length(engine: Any) -> int | None:
+    """The engine's ``max_model_len`` (its model config's), if it has one."""
+    return getattr(getattr(engine, "model_config", None), "max_model_len", None)
 
 
 def private_cache(prompts: list[dict], params: list[Any]) -> None:

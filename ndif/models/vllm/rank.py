@@ -56,10 +56,11 @@ class RankModel(NNsight):
 
     splits_residual = True  # vLLM's decoder layers, as on `VLLM` (see `ndif.interp`)
 
-    def __init__(self, root: torch.nn.Module, source: str) -> None:
+    def __init__(self, root: torch.nn.Module, source: str, max_model_len: int | None = None) -> None:
         super().__init__(root)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_job_key", None)
+        object.__setattr__(self, "_max_model_len", max_model_len)
 
     def _model_key(self) -> str:
         return self._source
@@ -69,7 +70,7 @@ class RankModel(NNsight):
 
     def _execute(self, trace: Trace, invokes: list[InvokeSpec], call_kwargs: dict) -> Any:
         key = self._job_key
-        parts = job_parts(self._edits, trace, invokes, call_kwargs, tokenizer=False)
+        parts = job_parts(self._edits, trace, invokes, call_kwargs, tokenizer=False, max_model_len=self._max_model_len)
         requests = {f"{key}/{number}": blocks for number, blocks in enumerate(parts.blocks)}
         job = ServingJob(key, requests, parts.wide, copy_context())
         outputs = greenlet.getcurrent().parent.switch(Handoff(job, parts.prompts, parts.options))
@@ -163,7 +164,7 @@ def rank_server(hooks: Any, source: str, rank: int, size: int, gather: Any) -> R
     whole with ``gather``), and the server the driver's RPCs reach."""
     from .tp import model_shardings
 
-    model = RankModel(hooks.root, source)
+    model = RankModel(hooks.root, source, getattr(getattr(hooks.runner, "model_config", None), "max_model_len", None))
     shardings = {module.forward.site: sharding for module, sharding in model_shardings(hooks.root, rank, size).items()}
     run = hooks.start_run(model, shardings=shardings, gather=gather, check_limits=False)
     return RankServer(model, run, hooks)

@@ -29,8 +29,18 @@ class JobParts:
         return bool(self.wide) or any(self.blocks)
 
 
-def job_parts(edits: list, trace: Trace, invokes: list[InvokeSpec], call_kwargs: dict, tokenizer: Any) -> JobParts:
-    """Split a trace into requests (one per invoke with an input) and blocks."""
+def job_parts(
+    edits: list,
+    trace: Trace,
+    invokes: list[InvokeSpec],
+    call_kwargs: dict,
+    tokenizer: Any,
+    max_model_len: int | None = None,
+) -> JobParts:
+    """Split a trace into requests (one per invoke with an input) and blocks.
+
+    ``max_model_len`` (the engine's context length) bounds the steps of a request whose
+    ``max_tokens`` is None (vLLM's "up to the context length")."""
     if trace.kind == "scan":
         raise InvokeError("ndif.VLLM cannot scan; trace with a short max_tokens instead")
     defaults = {"max_tokens": 1} if trace.kind == "trace" else {}
@@ -43,7 +53,7 @@ def job_parts(edits: list, trace: Trace, invokes: list[InvokeSpec], call_kwargs:
         parts.prompts.append(prompt_of(spec.inputs, tokenizer))
         parts.options.append(sampling_options({**defaults, **call_kwargs, **spec.kwargs}))
         parts.blocks.append([Mediator(spec.body, None, spec.label)] if spec.body is not None else [])
-    _bound_open_loops(parts)
+    _bound_open_loops(parts, max_model_len)
     return parts
 
 
@@ -51,17 +61,27 @@ def job_parts(edits: list, trace: Trace, invokes: list[InvokeSpec], call_kwargs:
 DEFAULT_MAX_TOKENS = 16
 
 
-def _bound_open_loops(parts: JobParts) -> None:
+def _bound_open_loops(parts: JobParts, max_model_len: int | None) -> None:
     """Tell each block how many steps its request(s) can make, so that an open step loop
     (``tracer.all()``) whose body waits for nothing ends there instead of spinning: a serving
     run cannot say, its requests having lengths of their own."""
-    lengths = [options.get("max_tokens", DEFAULT_MAX_TOKENS) for options in parts.options]
+    lengths = [
+        _most_tokens(options.get("max_tokens", DEFAULT_MAX_TOKENS), prompt, max_model_len)
+        for options, prompt in zip(parts.options, parts.prompts)
+    ]
     for blocks, length in zip(parts.blocks, lengths):
         for block in blocks:
             block.max_steps = length
     if lengths and all(length is not None for length in lengths):
         for block in parts.wide:
             block.max_steps = max(lengths)
+
+
+def _most_tokens(max_tokens: int | None, prompt: dict, max_model_len: int | None) -> int | None:
+    """A request's most steps: its ``max_tokens``, or what its context leaves (None if unknown)."""
+    if max_tokens is not None or max_model_len is None:
+        return max_tokens
+    return max(1, max_model_len - len(prompt.get("prompt_token_ids", ())))
 
 
 def prompt_of(inputs: tuple, tokenizer: Any) -> dict:
