@@ -293,11 +293,9 @@ def attach(runner: Any) -> Hooks:
     return hooks
 
 
-def install(runner: Any, segmented: bool = True) -> Hooks:
-    """Make ``runner`` (a built, captured V2 ``GPUModelRunner``) an ndif runner.
-
-    ``segmented``: capture copies of vLLM's FULL graphs broken at the taps (`segments`),
-    for decode steps on taps; without them those steps run on PIECEWISE graphs."""
+def install(runner: Any) -> Hooks:
+    """Make ``runner`` (a built, captured V2 ``GPUModelRunner``) an ndif runner, with copies
+    of vLLM's FULL graphs broken at the taps (`segments`) for decode steps on taps."""
     from vllm.config import CUDAGraphMode
     from vllm.forward_context import get_forward_context, is_forward_context_available
     from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
@@ -355,7 +353,7 @@ def install(runner: Any, segmented: bool = True) -> Hooks:
             get_forward_context().skip_compiled = True
 
     runner.model.register_forward_pre_hook(run_python)
-    if manager is not None and segmented:
+    if manager is not None:
         hooks.segments = segments.capture_segments(runner)
     return hooks
 
