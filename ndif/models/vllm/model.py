@@ -16,7 +16,7 @@ from ...tracing.errors import InvokeError
 from ..base import NNsight
 from .loop import EngineLoop, Submission, WireSubmission, freeze_static_heap
 from .rank import build_skeleton
-from .requests import job_parts
+from .requests import context_length, job_parts
 from .runner import fast_eager_kernels, install
 from .taps import patch_model_loading, with_taps
 
@@ -284,11 +284,6 @@ def _tokenizer(llm: Any, engine_args: dict) -> Any:
         return llm.get_tokenizer()
     except Exception:  # noqa: BLE001 - a model without tokenizer files takes token ids only
         return None
-
-
-def context_length(engine: Any) -> int | None:
-    """The engine's ``max_model_len`` (its model config's), if it has one."""
-    return getattr(getattr(engine, "model_config", None), "max_model_len", None)
 
 
 def private_cache(prompts: list[dict], params: list[Any]) -> None:

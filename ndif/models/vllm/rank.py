@@ -36,7 +36,7 @@ from ...tracer import InvokeSpec, Trace
 from ...wire import codec
 from ...wire.schema import ErrorInfo, Result
 from ..base import NNsight
-from .requests import job_parts
+from .requests import context_length, job_parts
 
 #: Added to a job's time limit on the ranks: the driver ends a job at its limit, between steps.
 RANK_GRACE_S = 30.0
@@ -164,7 +164,7 @@ def rank_server(hooks: Any, source: str, rank: int, size: int, gather: Any) -> R
     whole with ``gather``), and the server the driver's RPCs reach."""
     from .tp import model_shardings
 
-    model = RankModel(hooks.root, source, getattr(getattr(hooks.runner, "model_config", None), "max_model_len", None))
+    model = RankModel(hooks.root, source, context_length(hooks.runner))
     shardings = {module.forward.site: sharding for module, sharding in model_shardings(hooks.root, rank, size).items()}
     run = hooks.start_run(model, shardings=shardings, gather=gather, check_limits=False)
     return RankServer(model, run, hooks)

@@ -77,6 +77,11 @@ def _bound_open_loops(parts: JobParts, max_model_len: int | None) -> None:
             block.max_steps = max(lengths)
 
 
+def context_length(owner: Any) -> int | None:
+    """The ``max_model_len`` of an engine or a model runner (its model config's), if it has one."""
+    return getattr(getattr(owner, "model_config", None), "max_model_len", None)
+
+
 def _most_tokens(max_tokens: int | None, prompt: dict, max_model_len: int | None) -> int | None:
     """A request's most steps: its ``max_tokens``, or what its context leaves (None if unknown)."""
     if max_tokens is not None or max_model_len is None:
