@@ -259,6 +259,7 @@ class ServingJob:
     stopped: bool = False
     guard: Any = None
     taps: bool = False  # its code names no module but tapped ones: its steps may run on taps
+    names: frozenset[str] | None = None  # what its code can name (`names_reached`), if scanned already
     mediators: list[Mediator] = field(init=False)  # every block: the wide ones, then each request's
 
     def __post_init__(self) -> None:
@@ -350,11 +351,8 @@ class ServingRun(Run):
         self._sleep_if_dormant(job)
 
     def _names_only_tapped(self, job: ServingJob) -> bool:
-        untapped = self.untapped_names
-        try:
-            return all(untapped.isdisjoint(names_in(mediator.body)) for mediator in job.mediators)
-        except Exception:  # noqa: BLE001 - code the scan cannot read runs eagerly, which serves everything
-            return False
+        names = job.names if job.names is not None else names_reached(job.mediators)
+        return names is not None and self.untapped_names.isdisjoint(names)
 
     def retire(self, job: ServingJob, results: dict[Key, Any]) -> None:
         """The job's requests are done: serve ``tracer.result`` (each request's output;
@@ -595,6 +593,19 @@ class ServingRun(Run):
         guard = mediator.guard
         if guard is not None and guard.interrupted:
             guard.drain()  # an interruption aimed at the block must not land in the engine
+
+
+def names_reached(mediators: Iterable[Mediator]) -> frozenset[str] | None:
+    """Every name the blocks' code can use (`ndif.tracing.names.names_in`), or None where
+    the scan cannot read it (such a job runs eagerly, which serves everything). A caller
+    may scan on its own thread and hand the names in with the job (`ServingJob.names`)."""
+    names: set[str] = set()
+    try:
+        for mediator in mediators:
+            names |= names_in(mediator.body)
+    except Exception:  # noqa: BLE001 - see above
+        return None
+    return frozenset(names)
 
 
 def _result_for(group: Any, results: dict[Key, Any]) -> Any:

@@ -55,21 +55,35 @@ def _scan_function(function: Any, names: set[str], seen: set[int], depth: int) -
     for each in codes:
         for name in _scan_code(each, names):
             for scope in scopes:
-                try:
-                    value = scope[name]
-                except Exception:  # noqa: BLE001 - a name the code cannot resolve reaches nothing
-                    continue
-                _follow(value, names, seen, depth + 1)
-                break
+                value = _resolve(scope, name)
+                if value is not _UNRESOLVED:
+                    _follow(value, names, seen, depth + 1)
+                    break
+
+
+_UNRESOLVED = object()
+
+
+def _resolve(scope: Mapping, name: str) -> Any:
+    """What ``name`` refers to in ``scope``, without raising for a name it lacks (most names
+    a code object holds are attributes, which no scope has)."""
+    find = getattr(scope, "find", None)  # a block's Scope: with its fallbacks
+    if find is not None:
+        return find(name, _UNRESOLVED)
+    if type(scope) is dict:
+        return scope.get(name, _UNRESOLVED)
+    try:
+        return scope[name]
+    except Exception:  # noqa: BLE001 - a name the code cannot resolve reaches nothing
+        return _UNRESOLVED
 
 
 def _follow(value: Any, names: set[str], seen: set[int], depth: int) -> None:
     """Scan what a name refers to, where it is user code: a function or a class."""
-    if _in_library(value):
-        return
     if isinstance(value, (types.FunctionType, types.MethodType)):
-        _scan_function(value, names, seen, depth)
-    elif isinstance(value, type):
+        if not _in_library(value):
+            _scan_function(value, names, seen, depth)
+    elif isinstance(value, type) and not _in_library(value):
         _scan_class(value, names, seen, depth)
 
 

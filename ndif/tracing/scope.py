@@ -77,6 +77,15 @@ class Scope(dict):
         return {name: value for name, value in self.items() if not name.startswith(PREFIX) and name not in hidden}
 
     def __missing__(self, key: str) -> Any:
+        value = self.find(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def find(self, key: str, default: Any = None) -> Any:
+        """What ``key`` names here, with every fallback (as ``self[key]``), else ``default``."""
+        if key in self:
+            return dict.__getitem__(self, key)
         helper = HELPERS.get(key)
         if helper is not None:
             return helper
@@ -88,14 +97,10 @@ class Scope(dict):
             if key in glbls:
                 return glbls[key]
         else:  # an enclosing block's Scope: let its own fallbacks answer
-            try:
-                return glbls[key]
-            except KeyError:
-                pass
-        value = self.builtins.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value
+            value = glbls.find(key, _MISSING)
+            if value is not _MISSING:
+                return value
+        return self.builtins.get(key, default)
 
     def __setitem__(self, key: str, value: Any) -> None:
         dict.__setitem__(self, key, value)

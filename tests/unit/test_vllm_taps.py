@@ -193,6 +193,47 @@ def test_names_in_follows_a_blocks_code_its_helpers_and_its_strings():
     assert "input" not in names
 
 
+def test_names_in_follows_helpers_found_through_a_blocks_scope_fallbacks():
+    from ndif.tracing.scope import Scope
+
+    def from_shared(model):
+        return model.model.layers[0].mlp
+
+    def from_globals(model):
+        return model.lm_head
+
+    code = compile("a = from_shared(model)\nb = from_globals(model)\nc = len([])\n", "<block>", "exec")
+    scope = Scope({"model": None}, {"from_shared": from_shared}, {"from_globals": from_globals})
+    names = names_in(_exec(code, scope))
+    assert {"mlp", "lm_head"} <= names
+    assert scope.find("len") is len and scope.find("from_shared") is from_shared
+    assert scope.find("nowhere", "absent") == "absent"
+    with pytest.raises(KeyError):
+        scope["nowhere"]
+
+
+def test_a_jobs_code_is_scanned_on_the_callers_thread_not_the_engines(monkeypatch):
+    import threading
+
+    from ndif.engine import serving
+
+    model = FakeVLLM()
+    scanned_on: list[str] = []
+    scan = serving.names_in
+
+    def recording(function):
+        scanned_on.append(threading.current_thread().name)
+        return scan(function)
+
+    monkeypatch.setattr(serving, "names_in", recording)
+    on_taps = steer(model, PROMPTS[0], 2.0)
+    mlp = mlp_reader(model, PROMPTS[1])
+    assert scanned_on and set(scanned_on) == {threading.current_thread().name}
+    # What the caller found decided the steps: the steering on taps, the MLP reader eagerly.
+    assert len(on_taps[0]) == 4 and len(mlp[0]) == 4
+    assert model.step_counts["taps"] == 4 and model.step_counts["eager"] == 4
+
+
 def test_untapped_names_are_every_module_name_off_the_tapped_paths():
     model = FakeVLLM()
     names = model._hooks.run.untapped_names

@@ -57,6 +57,7 @@ class Submission:
     blocks: list[list[Mediator]]
     wide: list[Mediator]
     context: Context | None
+    names: frozenset[str] | None = None  # what its blocks' code can name, scanned by the caller
     key: str = field(default_factory=lambda: f"ndif{next(_job_numbers)}")
     future: Future = field(default_factory=Future)
     ids: list[str] = field(default_factory=list)  # the engine's ids of its requests
@@ -210,6 +211,7 @@ class EngineLoop:
             dict(zip(submission.ids, submission.blocks)),
             submission.wide,
             submission.context,
+            names=submission.names,
         )
         submission.job = job
         self.run.admit(job)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ...engine.context import GUARD
+from ...engine.serving import names_reached
 from ...sandbox.limits import CancelToken, JobCancelled, JobLimits, TimeLimitExceeded
 from ...tracer import InvokeSpec, Trace
 from ...tracing.errors import InvokeError
@@ -212,9 +213,12 @@ class VLLM(NNsight):
         request's generated token ids."""
         parts = job_parts(self._edits, trace, invokes, call_kwargs, self.tokenizer, context_length(self._loop.engine))
         params = [self._sampling(options) for options in parts.options]
+        names = None
         if parts.intervenes:
             private_cache(parts.prompts, params)
-        submission = Submission(parts.prompts, params, parts.blocks, parts.wide, copy_context())
+            # Scanned here, on the caller's thread, rather than on the engine's between steps.
+            names = names_reached([*parts.wide, *(block for blocks in parts.blocks for block in blocks)])
+        submission = Submission(parts.prompts, params, parts.blocks, parts.wide, copy_context(), names)
         return self._wait(self._loop.submit(submission), submission)
 
     def _wait(self, future: Any, submission: Submission) -> Any:
