@@ -6,6 +6,8 @@ on one GPU. Each engine runs in its own process (vLLM does not free an in-proces
 engine's memory), one after the other:
 
 * ``plain``: vLLM as shipped (torch.compile + CUDA graphs), ``LLM.generate``;
+* ``plain-async``: the same, serving the requests as separate concurrent requests through
+  ``AsyncLLM`` (the engine behind vLLM's API server, its core in a process of its own);
 * ``plain-eager``: vLLM with ``enforce_eager=True``;
 * ``plain-piecewise``: vLLM with PIECEWISE CUDA graphs only (``cudagraph_mode``), the
   graphs a step on ndif's taps runs: the ceiling for the taps cases;
@@ -21,7 +23,9 @@ engine's memory), one after the other:
   on the graphs' taps; the two steering cases run again with code that also names an
   MLP (``-eager``), which ndif serves by running the steps eagerly.
 
-Prints output tokens/s and the ratios the issue sets goals for; writes JSON.
+Every engine is warmed up first at the measured size, on other prompts (the prefix cache
+cannot serve them to the measured run). Prints output tokens/s and the ratios the issue
+sets goals for; writes JSON.
 
     python -m tests.bench.vllm [--out DIR] [--layers N] [--requests N] [--tokens N] [--parts plain,ndif]
     python -m tests.bench.vllm --report A/bench-vllm.json B/bench-vllm.json   # parts run apart, one table
@@ -82,9 +86,9 @@ ENGINE = {
 }
 
 
-#: One process each: plain vLLM as shipped, eager, ndif, and plain vLLM with the engine core
-#: in-process (as ndif runs it; a diagnostic, last so that a run cut short has the rest).
-PARTS = ["plain", "plain-eager", "ndif", "plain-piecewise", "plain-inproc", "plain-ndifopts"]
+#: One process each: plain vLLM as shipped (``LLM.generate``, and ``AsyncLLM`` serving the
+#: requests separately), eager, ndif, and diagnostics (last, so that a run cut short has the rest).
+PARTS = ["plain", "plain-async", "plain-eager", "ndif", "plain-piecewise", "plain-inproc", "plain-ndifopts"]
 
 
 def write_config(folder: Path, layers: int | None) -> Path:
@@ -96,11 +100,51 @@ def write_config(folder: Path, layers: int | None) -> Path:
     return folder
 
 
-def prompts(count: int, length: int) -> list[list[int]]:
+def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """The measured prompts (seed 0); warm-ups use others, which the prefix cache cannot serve
+    to the measured run."""
     import random
 
-    generator = random.Random(0)
+    generator = random.Random(seed)
     return [[generator.randrange(1000, 120000) for _ in range(length)] for _ in range(count)]
+
+
+def run_plain_async(path: str, args: argparse.Namespace) -> dict:
+    """Plain vLLM serving the requests as separate concurrent requests (``AsyncLLM``, the
+    engine behind vLLM's API server), as ndif serves 256 traces: the baseline of a job per
+    request, where ``LLM.generate`` takes the batch in one call."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    params = SamplingParams(
+        max_tokens=args.tokens, ignore_eos=True, temperature=0, output_kind=RequestOutputKind.FINAL_ONLY
+    )
+    batch = prompts(args.requests, args.tokens)
+
+    async def main() -> dict:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=path, **ENGINE))
+
+        async def one(request_id: str, prompt: list[int]) -> int:
+            final = None
+            async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id):
+                final = output
+            return len(final.outputs[0].token_ids) if final is not None else 0
+
+        try:
+            warm_up = prompts(args.requests, args.tokens, seed=1)  # the measured size, other prompts
+            await asyncio.gather(*(one(f"warm-{n}", p) for n, p in enumerate(warm_up)))
+            started = time.perf_counter()
+            counts = await asyncio.gather(*(one(f"r{n}", p) for n, p in enumerate(batch)))
+            seconds = time.perf_counter() - started
+        finally:
+            engine.shutdown()
+        return {"plain-async": {"tokens": sum(counts), "seconds": seconds, "tok_s": sum(counts) / seconds}}
+
+    return asyncio.run(main())
 
 
 def run_plain(path: str, args: argparse.Namespace, part: str) -> dict:
@@ -123,7 +167,8 @@ def run_plain(path: str, args: argparse.Namespace, part: str) -> dict:
         llm = LLM(path, enforce_eager=eager, **ENGINE, **extra)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.tokens)]
-    llm.generate(batch[:8], params, use_tqdm=False)  # warm-up
+    warm_up = [{"prompt_token_ids": p} for p in prompts(args.requests, args.tokens, seed=1)]
+    llm.generate(warm_up, params, use_tqdm=False)  # the measured size, other prompts
     steps = StepTimes(llm.llm_engine)
     started = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
@@ -138,7 +183,18 @@ class StepTimes:
 
     def __init__(self, engine) -> None:
         self.spans: list[tuple[float, float]] = []
+        self.scheduled: list[tuple[int, int]] = []  # per scheduled batch: (tokens, new requests)
         step = engine.step
+        scheduler = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
+        if scheduler is not None:  # the engine core in this process: what each batch held
+            schedule = scheduler.schedule
+
+            def counted_schedule(*args, **kwargs):
+                output = schedule(*args, **kwargs)
+                self.scheduled.append((output.total_num_scheduled_tokens, len(output.scheduled_new_reqs)))
+                return output
+
+            scheduler.schedule = counted_schedule
 
         def timed_step(*args, **kwargs):
             began = time.perf_counter()
@@ -155,6 +211,7 @@ class StepTimes:
         length from the previous one's end (ms)."""
         spans = [span for span in self.spans if span[1] > started]
         self.spans.clear()
+        scheduled, self.scheduled = self.scheduled, []
         if not spans:
             return {}
         ends = [end for _, end in spans]
@@ -169,23 +226,27 @@ class StepTimes:
             "in_step_s": inside,
             "between_steps_s": ends[-1] - started - inside,
             "step_ms": [round(length, 2) for length in lengths],
+            # The first batches' scheduled tokens and new requests: how a burst was admitted.
+            "first_batches": [list(batch) for batch in scheduled[:12] if batch[0]],
         }
 
 
 #: Diagnostic variants of a case (``--cases none@gc-off,...``), each a context to run it in.
-VARIANTS = ("gc-off", "switch-0.5ms", "window-0", "window-100ms", "settrace")
+VARIANTS = ("again", "gc-off", "switch-0.5ms", "window-0", "window-100ms", "settrace")
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """Run a case with one thing changed: Python's garbage collector off, a shorter GIL
-    switch interval, the engine loop's admission window (`loop.ADMISSION_WINDOW_S`), or
-    traces' bodies skipped by ``sys.settrace`` as before Python 3.12's ``sys.monitoring``."""
+    """Run a case with one thing changed: nothing (``again``, a repeat), Python's garbage
+    collector off, a shorter GIL switch interval, the engine loop's admission window
+    (`loop.ADMISSION_WINDOW_S`), or traces' bodies skipped by ``sys.settrace`` as before
+    Python 3.12's ``sys.monitoring``. ``variant.N`` runs a variant again under a name of its own."""
     import gc
 
     from ndif.models.vllm import loop
     from ndif.tracing import skipping
 
+    name = name.partition(".")[0]
     saved = gc.isenabled(), sys.getswitchinterval(), loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S
     tools = list(skipping._tool)
     if name == "gc-off":
@@ -198,7 +259,7 @@ def variant(name: str):
         loop.ADMISSION_WINDOW_S, loop.ADMISSION_WAIT_S = 0.1, 0.01
     elif name == "settrace":
         skipping._tool.clear()
-    elif name:
+    elif name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     try:
         yield
@@ -292,7 +353,11 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
     # batch in one call) rather than a trace per request: what admitting many jobs costs.
     cases["ndif-none-batched"] = lambda: [(batched_job(model, steps), batch)]
     chosen = [f"ndif-{name}" for name in args.cases.split(",")] if args.cases else list(cases)
-    timed("warm-up", [(jobs["saving"], p) for p in batch[:8]])
+    # Warm up as plain vLLM does, at the measured size on other prompts (the first run of a
+    # size pays one-time costs), and the taps once.
+    warm_up = prompts(args.requests, args.tokens, seed=1)
+    timed("warm-up", [(jobs["saving"], p) for p in warm_up[:8]])
+    timed("warm-up", [(jobs["plain"], p) for p in warm_up])
     for name in chosen:
         case, _, changed = name.partition("@")
         if changed:  # a diagnostic variant of a case
@@ -306,18 +371,47 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             import pstats
 
             profiler = cProfile.Profile()
+            # From Python 3.12 a profiler sees every thread (it is a ``sys.monitoring`` tool, one
+            # at a time): the engine's and the clients' calls are then in one profile. Before,
+            # each client thread gets a profiler of its own, merged.
+            every_thread = sys.version_info >= (3, 12)
+            clients: list = []
+            jobs = cases[name]()
+            if not every_thread:
+                jobs = [(profiled(job, clients), prompt) for job, prompt in jobs]
             model._loop.call(profiler.enable)
-            timed(name, cases[name]())
+            timed(name, jobs)
             model._loop.call(profiler.disable)
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
-            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
             Path(args.profile).mkdir(parents=True, exist_ok=True)
-            (Path(args.profile) / f"profile-{name}.txt").write_text(text.getvalue())
+            sides = [("all-threads" if every_thread else "engine", pstats.Stats(profiler))]
+            if clients:
+                sides.append(("clients", pstats.Stats(*clients)))
+            for side, stats in sides:
+                text = io.StringIO()
+                stats.stream = text
+                stats.sort_stats("tottime").print_stats(45)
+                stats.sort_stats("cumulative").print_stats(60)
+                (Path(args.profile) / f"profile-{name}-{side}.txt").write_text(text.getvalue())
         else:
             timed(name, cases[name]())
     del results["warm-up"]
     return results
+
+
+def profiled(job, profiles: list):
+    """``job`` run under a profiler of its own thread, added to ``profiles`` when it ends."""
+    import cProfile
+
+    def run(prompt):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return job(prompt)
+        finally:
+            profiler.disable()
+            profiles.append(profiler)
+
+    return run
 
 
 def batched_job(model, steps: int):
@@ -409,7 +503,12 @@ def main() -> None:
         return
 
     if args.part is not None:  # one engine, in this process (CUDA untouched before vLLM forks)
-        run = run_ndif if args.part == "ndif" else partial(run_plain, part=args.part)
+        if args.part == "ndif":
+            run = run_ndif
+        elif args.part == "plain-async":
+            run = run_plain_async
+        else:
+            run = partial(run_plain, part=args.part)
         result = run(args.model, args)
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -488,9 +587,11 @@ def report(results: dict, requests: int, tokens: int, card: str) -> None:
         "ndif-steer": ("plain-eager", 0.90),
         "ndif-steer-10%": ("plain", 0.80),
     }
-    print(f"{'case':<22}{'tok/s':>10}{'/plain':>9}{'/eager':>9}   goal")
+    separate = results.get("plain-async", {}).get("tok_s")  # plain vLLM, one request per client
+    print(f"{'case':<22}{'tok/s':>10}{'/plain':>9}{'/async':>9}{'/eager':>9}   goal")
     for name, row in results.items():
         ratio_plain = row["tok_s"] / plain if plain else float("nan")
+        ratio_async = row["tok_s"] / separate if separate else float("nan")
         ratio_eager = row["tok_s"] / eager if eager else float("nan")
         goal = goals.get(name)
         verdict = ""
@@ -501,7 +602,7 @@ def report(results: dict, requests: int, tokens: int, card: str) -> None:
                 verdict = f">= {goal[1]:.2f} x {goal[0]}: {'met' if met else 'NOT met'}"
         elif name.endswith("-eager") and name.startswith("ndif"):
             verdict = "(jobs naming an untapped module: eager steps; no goal)"
-        print(f"{name:<22}{row['tok_s']:>10.0f}{ratio_plain:>9.3f}{ratio_eager:>9.3f}   {verdict}")
+        print(f"{name:<22}{row['tok_s']:>10.0f}{ratio_plain:>9.3f}{ratio_async:>9.3f}{ratio_eager:>9.3f}   {verdict}")
 
 
 if __name__ == "__main__":
