@@ -299,6 +299,9 @@ class ServingRun(Run):
         check_limits: bool = True,
     ) -> None:
         super().__init__([], FlatBatcher(), root=None, isolate_errors=True, sites=sites)
+        # Every live block, in admission order: a dict, so that ending a job costs its own
+        # blocks, not a pass over every job's.
+        self.mediators: dict[Mediator, None] = {}  # type: ignore[assignment]
         self.check_limits = check_limits
         self.shardings = shardings or {}  # site -> how its values are split across tensor-parallel ranks
         self.gather = gather
@@ -339,7 +342,7 @@ class ServingRun(Run):
         mediators = job.mediators
         for mediator in mediators:
             self.owner[mediator] = job
-            self.mediators.append(mediator)
+            self.mediators[mediator] = None
             if job.context is not None:
                 job.context.run(mediator.start, self)
             else:
@@ -390,10 +393,9 @@ class ServingRun(Run):
             mediator.here = None
             mediator.worker = None
             self.owner.pop(mediator, None)
+            self.mediators.pop(mediator, None)
             self.started.discard(mediator)
             self.errors.pop(mediator, None)
-        members = set(job.mediators)
-        self.mediators = [m for m in self.mediators if m not in members]
         for key in job.requests:
             self.requests.pop(key, None)
             self.awake.pop(key, None)
