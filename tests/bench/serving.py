@@ -75,6 +75,7 @@ def run(args: Any = None) -> dict[str, Any]:
     cases = ndif_jobs(model, tokens)
 
     steps: dict[str, int] = {}
+    per_job: dict[str, list[tuple[float, float]]] = {}  # the engine thread's admit and retire, µs a job
 
     def timed(name: str) -> float:
         if name == "engine":
@@ -82,9 +83,13 @@ def run(args: Any = None) -> dict[str, Any]:
             produced, steps[name] = engine_alone(batch, tokens)
             seconds = time.perf_counter() - started
         else:  # the clients start before the clock and are released together, as on the GPU
-            first = model._loop.steps
+            loop = model._loop
+            first, admitting, retiring = loop.steps, loop.admitting_s, loop.retiring_s
             chooser = cases[name]
             clients = run_clients([(chooser(n), p) for n, p in enumerate(batch)])
+            per_job.setdefault(name, []).append(
+                ((loop.admitting_s - admitting) * 1e6 / requests, (loop.retiring_s - retiring) * 1e6 / requests)
+            )
             if clients.errors:
                 raise RuntimeError(f"{name}: {len(clients.errors)} jobs failed, e.g. {clients.errors[0]}")
             produced, seconds = sum(clients.counts), clients.seconds
@@ -102,12 +107,20 @@ def run(args: Any = None) -> dict[str, Any]:
             rates[name].append(timed(name))
     base = statistics.median(rates["engine"])
     print(f"\nndif serving on the CPU stand-in engine: {requests} requests, {tokens} tokens, {LAYERS} layers")
-    print(f"{'case':<20}{'tok/s':>10}{'/ engine':>10}{'steps':>7}")
+    print(f"{'case':<20}{'tok/s':>10}{'/ engine':>10}{'steps':>7}{'admit us':>10}{'retire us':>11}")
     report = {}
     for name in names:
         rate = statistics.median(rates[name])
-        report[name] = {"tok_s": rate, "ratio": rate / base, "runs": rates[name], "steps": steps.get(name)}
-        print(f"{name:<20}{rate:>10.0f}{rate / base:>10.3f}{steps[name]:>7}")
+        admit, retire = (statistics.median(column) for column in zip(*per_job[name])) if name in per_job else (0, 0)
+        report[name] = {
+            "tok_s": rate,
+            "ratio": rate / base,
+            "runs": rates[name],
+            "steps": steps.get(name),
+            "admit_us_per_job": admit,
+            "retire_us_per_job": retire,
+        }
+        print(f"{name:<20}{rate:>10.0f}{rate / base:>10.3f}{steps[name]:>7}{admit:>10.1f}{retire:>11.1f}")
     return report
 
 

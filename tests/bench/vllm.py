@@ -302,6 +302,7 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
                 modes=dict(model._hooks.modes),
                 steps=model._loop.steps,
                 admitting=model._loop.admitting_s,
+                retiring=model._loop.retiring_s,
                 engine_cpu=model._loop.call(time.thread_time),
             )
             timeline.spans.clear()
@@ -328,6 +329,8 @@ def run_ndif(path: str, args: argparse.Namespace) -> dict:
             # Of which the engine's thread spent this long admitting (the rest: the clients'
             # side of their traces, and engine steps taken meanwhile).
             "admitting_s": model._loop.admitting_s - admitting,
+            # ... and retiring finished jobs (their blocks served the result, callers woken).
+            "retiring_s": model._loop.retiring_s - snapshot["retiring"],
             # When the last client had its trace submitted, and the CPU time the clients'
             # threads and the engine's thread used (all under one GIL).
             "submitted_after_s": max(submitted, default=started) - started,

@@ -101,6 +101,7 @@ class EngineLoop:
         self.steps = 0  # engine steps taken (benchmarks read it, with `last_admission`)
         self.last_admission = 0.0  # time.perf_counter() of the last job admitted
         self.admitting_s = 0.0  # this thread's time spent admitting jobs, in all
+        self.retiring_s = 0.0  # ... and retiring finished jobs (handing over their results)
         self.thread = threading.Thread(target=self._main, name="ndif-vllm-engine", daemon=True)
         self.thread.start()
 
@@ -282,6 +283,7 @@ class EngineLoop:
         self._forget(submission)
 
     def _retire(self, submission: Submission) -> None:
+        started = time.perf_counter()
         job = submission.job
         self.run.retire(job, submission.outputs)
         self._forget(submission)
@@ -289,6 +291,7 @@ class EngineLoop:
             submission.future.set_exception(job.error)
         else:
             submission.future.set_result([submission.outputs.get(key) for key in submission.ids])
+        self.retiring_s += time.perf_counter() - started
 
     def _end(self, job: ServingJob) -> None:
         submission = self.active.get(job.key)
