@@ -96,10 +96,15 @@ class Scope(dict):
         if type(glbls) is dict:
             if key in glbls:
                 return glbls[key]
-        else:  # an enclosing block's Scope: let its own fallbacks answer
+        elif isinstance(glbls, Scope):  # an enclosing block's: let its own fallbacks answer
             value = glbls.find(key, _MISSING)
             if value is not _MISSING:
                 return value
+        else:
+            try:
+                return glbls[key]
+            except KeyError:
+                pass
         return self.builtins.get(key, default)
 
     def __setitem__(self, key: str, value: Any) -> None:
