@@ -39,7 +39,7 @@ started=$(date +%s)
 if [ "$quick" = "--quick" ]; then
   timeout 900 python3 -m tests.bench.vllm --out "$out" --layers 8 --requests 128 --tokens 64 > "$out/bench.txt" 2>&1
 else
-  timeout "${NDIF_BENCH_TIMEOUT:-1200}" python3 -m tests.bench.vllm --out "$out" --parts "${NDIF_BENCH_PARTS:-plain,plain-eager,ndif,plain-piecewise,plain-inproc}" > "$out/bench.txt" 2>&1
+  timeout "${NDIF_BENCH_TIMEOUT:-1200}" python3 -m tests.bench.vllm --out "$out" --parts "${NDIF_BENCH_PARTS:-plain,plain-async,plain-eager,ndif,plain-piecewise,plain-inproc}" > "$out/bench.txt" 2>&1
 fi
 echo "benchmark: rc=$? in $(( $(date +%s) - started )) s"
 tail -12 "$out/bench.txt"
