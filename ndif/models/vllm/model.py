@@ -216,8 +216,10 @@ class VLLM(NNsight):
         names = None
         if parts.intervenes:
             private_cache(parts.prompts, params)
-            # Scanned here, on the caller's thread, rather than on the engine's between steps.
-            names = names_reached([*parts.wide, *(block for blocks in parts.blocks for block in blocks)])
+            # What decides whether its steps may run on taps, scanned here on the caller's
+            # thread rather than on the engine's between steps (an engine without taps: no need).
+            if self._hooks.run.tapped:
+                names = names_reached(parts.every_block)
         submission = Submission(parts.prompts, params, parts.blocks, parts.wide, copy_context(), names)
         return self._wait(self._loop.submit(submission), submission)
 

@@ -28,6 +28,11 @@ class JobParts:
     def intervenes(self) -> bool:
         return bool(self.wide) or any(self.blocks)
 
+    @property
+    def every_block(self) -> list[Mediator]:
+        """The job-wide blocks, then each request's (`ServingJob.mediators`' order)."""
+        return [*self.wide, *(block for blocks in self.blocks for block in blocks)]
+
 
 def job_parts(
     edits: list,
