@@ -68,6 +68,53 @@ def cases(jobs: dict[str, Job]) -> dict[str, Callable[[int], Job]]:
     }
 
 
+#: A job of the one-call form: every prompt of the batch in one trace, one invoke each.
+OneCall = Callable[[list[list[int]]], int]
+
+
+def one_call_jobs(model: Any, layer: Any, steer: Any, steps: int) -> dict[str, OneCall]:
+    """The goal cases in one call, as vLLM's ``LLM.generate`` takes its batch: one trace of
+    one invoke (one vLLM request) per prompt, doing what `trace_jobs`' trace of that case
+    does. Each returns the tokens generated."""
+
+    def none(batch: list[list[int]]) -> int:
+        with model.generate(max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            outputs = ndif.save([])
+            for prompt in batch:
+                with tracer.invoke(prompt):
+                    outputs.append(tracer.result)
+        return sum(len(output) for output in outputs)
+
+    def save(batch: list[list[int]]) -> int:
+        with model.generate(max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            outputs = ndif.save([])
+            for prompt in batch:
+                with tracer.invoke(prompt):
+                    hidden = ndif.save([])
+                    for _ in tracer.iter[:steps]:
+                        hidden.append(layer.output[0])
+                    outputs.append(tracer.result)
+        return sum(len(output) for output in outputs)
+
+    def steering(batch: list[list[int]], every: int) -> int:
+        with model.generate(max_tokens=steps, ignore_eos=True, temperature=0) as tracer:
+            outputs = ndif.save([])
+            for number, prompt in enumerate(batch):
+                with tracer.invoke(prompt):
+                    if number % every == 0:
+                        for _ in tracer.iter[:steps]:
+                            layer.output[0][:] += steer
+                    outputs.append(tracer.result)
+        return sum(len(output) for output in outputs)
+
+    return {
+        "ndif-none-one-call": none,
+        "ndif-save-one-call": save,
+        "ndif-steer-one-call": lambda batch: steering(batch, 1),
+        "ndif-steer-10%-one-call": lambda batch: steering(batch, 10),
+    }
+
+
 @dataclass
 class ClientRun:
     """What `run_clients` measured: per client, its tokens, its thread's CPU time and any

@@ -14,7 +14,8 @@ Cases, each N concurrent requests (one per thread for ndif's), the same prompts 
 * ``ndif-steer-10%``: every tenth trace adds a vector to one layer's output at every step
   (served on taps), the others as ``ndif-none``;
 * ``ndif-steer``: every trace steers (on taps);
-* ``ndif-steer-eager``: every trace steers by code that names an MLP too (eager steps).
+* ``ndif-steer-eager``: every trace steers by code that names an MLP too (eager steps);
+* ``ndif-none-one-call``, ``ndif-steer-one-call``: one trace of one invoke per request.
 
     python -m tests.bench.serving [--requests 256] [--tokens 32] [--repeat 3]
 """
@@ -25,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from fake_vllm import FakeEngine, FakeRunner, FakeVLLM, ToyForCausalLM  # noqa: E402
 
-from .jobs import cases, run_clients, trace_jobs  # noqa: E402
+from .jobs import cases, one_call_jobs, run_clients, trace_jobs  # noqa: E402
 
 LAYERS = 32
 
@@ -58,12 +60,20 @@ def engine_alone(batch: list[list[int]], tokens: int) -> tuple[int, int]:
     return produced, engine.steps
 
 
-def ndif_jobs(model: FakeVLLM, tokens: int) -> dict[str, Any]:
-    """This benchmark's cases (`tests.bench.jobs`): which job the ``n``-th request runs."""
+def ndif_jobs(model: FakeVLLM, tokens: int) -> dict[str, Callable[[list], list[tuple[Any, Any]]]]:
+    """This benchmark's cases (`tests.bench.jobs`): for a batch of prompts, the ``(job,
+    input)`` each client thread runs (one trace per prompt, or one trace of them all)."""
     layer = model.model.layers[LAYERS // 2]
     steer = torch.full((16,), 0.01, dtype=torch.float64)
     everything = cases(trace_jobs(model, layer, steer, tokens))
-    return {name: everything[name] for name in ("ndif-none", "ndif-steer-10%", "ndif-steer", "ndif-steer-eager")}
+    jobs: dict[str, Callable[[list], list[tuple[Any, Any]]]] = {
+        name: lambda batch, chooser=everything[name]: [(chooser(n), prompt) for n, prompt in enumerate(batch)]
+        for name in ("ndif-none", "ndif-steer-10%", "ndif-steer", "ndif-steer-eager")
+    }
+    one_call = one_call_jobs(model, layer, steer, tokens)
+    for name in ("ndif-none-one-call", "ndif-steer-one-call"):
+        jobs[name] = lambda batch, job=one_call[name]: [(job, batch)]
+    return jobs
 
 
 def run(args: Any = None) -> dict[str, Any]:
@@ -85,8 +95,7 @@ def run(args: Any = None) -> dict[str, Any]:
         else:  # the clients start before the clock and are released together, as on the GPU
             loop = model._loop
             first, admitting, retiring = loop.steps, loop.admitting_s, loop.retiring_s
-            chooser = cases[name]
-            clients = run_clients([(chooser(n), p) for n, p in enumerate(batch)])
+            clients = run_clients(cases[name](batch))
             per_job.setdefault(name, []).append(
                 ((loop.admitting_s - admitting) * 1e6 / requests, (loop.retiring_s - retiring) * 1e6 / requests)
             )

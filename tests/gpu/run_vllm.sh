@@ -19,6 +19,7 @@ fi
 export PYTHONPATH="$PWD:$PWD/workers:$PWD/scheduler:$PWD/sdk:${PYTHONPATH:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+lscpu > "$out/lscpu.txt" 2>&1  # runs on different hosts differ most in the host CPU
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))" \
   > "$out/versions.txt" 2>&1
 
