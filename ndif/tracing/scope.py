@@ -77,7 +77,7 @@ class Scope(dict):
         return {name: value for name, value in self.items() if not name.startswith(PREFIX) and name not in hidden}
 
     def __missing__(self, key: str) -> Any:
-        value = self.find(key, _MISSING)
+        value = self._fallback(key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
         return value
@@ -86,6 +86,10 @@ class Scope(dict):
         """What ``key`` names here, with every fallback (as ``self[key]``), else ``default``."""
         if key in self:
             return dict.__getitem__(self, key)
+        return self._fallback(key, default)
+
+    def _fallback(self, key: str, default: Any) -> Any:
+        """What ``key`` names beyond the block's own names (a miss: ``__missing__``)."""
         helper = HELPERS.get(key)
         if helper is not None:
             return helper

@@ -85,7 +85,7 @@ def run(args: Any = None) -> dict[str, Any]:
     cases = ndif_jobs(model, tokens)
 
     steps: dict[str, int] = {}
-    per_job: dict[str, list[tuple[float, float]]] = {}  # the engine thread's admit and retire, µs a job
+    per_request: dict[str, list[tuple[float, float]]] = {}  # the engine thread's admit and retire, µs a request
 
     def timed(name: str) -> float:
         if name == "engine":
@@ -96,7 +96,7 @@ def run(args: Any = None) -> dict[str, Any]:
             loop = model._loop
             first, admitting, retiring = loop.steps, loop.admitting_s, loop.retiring_s
             clients = run_clients(cases[name](batch))
-            per_job.setdefault(name, []).append(
+            per_request.setdefault(name, []).append(
                 ((loop.admitting_s - admitting) * 1e6 / requests, (loop.retiring_s - retiring) * 1e6 / requests)
             )
             if clients.errors:
@@ -120,14 +120,16 @@ def run(args: Any = None) -> dict[str, Any]:
     report = {}
     for name in names:
         rate = statistics.median(rates[name])
-        admit, retire = (statistics.median(column) for column in zip(*per_job[name])) if name in per_job else (0, 0)
+        admit, retire = (
+            (statistics.median(column) for column in zip(*per_request[name])) if name in per_request else (0, 0)
+        )
         report[name] = {
             "tok_s": rate,
             "ratio": rate / base,
             "runs": rates[name],
             "steps": steps.get(name),
-            "admit_us_per_job": admit,
-            "retire_us_per_job": retire,
+            "admit_us_per_request": admit,
+            "retire_us_per_request": retire,
         }
         print(f"{name:<20}{rate:>10.0f}{rate / base:>10.3f}{steps[name]:>7}{admit:>10.1f}{retire:>11.1f}")
     return report
